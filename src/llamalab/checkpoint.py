@@ -1,0 +1,130 @@
+"""The native model format: a folder with ``config.json``, ``model.safetensors`` and ``tokenizer.model``.
+
+``config.json`` holds the ``ModelArgs`` fields under exactly those names plus the tokenizer's special ids;
+``model.safetensors`` holds the weights under Meta's names. Nothing here unpickles: safetensors and JSON only.
+Folders are written next to their final place and renamed into it, so a crash never leaves half a checkpoint
+under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import ConfigError, ModelArgs, Transformer, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.model"
+SPECIAL_KEYS = ("bos_id", "eos_id", "pad_id", "unk_id")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_dir(final: Path, write) -> None:
+    """Call ``write(tmpdir)`` then move the finished folder to ``final``, replacing an older one only then."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(folder: Path) -> tuple[ModelArgs, dict[str, int]]:
+    path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; a llamalab checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    special = {k: data.pop(k) for k in SPECIAL_KEYS if k in data}
+    return ModelArgs.from_dict(data, source=str(path)), special
+
+
+def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Contiguous, unshared tensors under Meta's names (what safetensors requires)."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_pretrained(folder: str | Path, model: Transformer, tokenizer_path: str | Path | None = None,
+                    special_ids: dict[str, int] | None = None, dtype: torch.dtype | None = None) -> Path:
+    folder = Path(folder)
+    if special_ids is None and tokenizer_path is not None:
+        from .tokenizer import Tokenizer
+
+        special_ids = Tokenizer(tokenizer_path).special_ids()
+    config = {**model.args.to_dict(), **(special_ids or {})}
+    state = model_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "llamalab"})
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+
+    atomic_write_dir(folder, write)
+    return folder
+
+
+def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model`` after checking that names and shapes match exactly."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: file {tuple(state[k].shape)} != model {tuple(expected[k])}"
+                   for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        if wrong:
+            parts.append(f"shape mismatches {wrong[:10]}")
+        raise ValueError(f"{source}: weights do not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(model, args, special_ids) from a native folder, in ``dtype`` (default: the stored dtype)."""
+    folder = Path(folder)
+    args, special = read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing")
+    state = load_file(str(weights), device=str(device))
+    stored = next(iter(state.values())).dtype if state else torch.float32
+    model = build_model(args, device=device, dtype=dtype or stored, init=False)
+    load_state_into(model, state, str(weights))
+    model.eval()
+    return model, args, special

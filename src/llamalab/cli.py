@@ -1,0 +1,51 @@
+"""``llamalab <command> ...``: a thin dispatcher; each command lives in ``llamalab.commands.<name>``.
+
+Every command module exposes ``main(argv: list[str]) -> int`` and parses its own arguments, so commands
+with free-form overrides (``train CONFIG --section.key value``) need no special casing here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "data": "prepare training data: clean, deduplicate, tokenize and shard a source mixture",
+    "tokenizer": "train or inspect a SentencePiece BPE tokenizer with LLaMA's settings",
+    "train": "pretrain a model from a TOML config (torchrun for several processes)",
+    "plan": "estimate per-GPU memory of a training config for a parallel layout",
+    "eval": "zero-shot common-sense benchmarks and perplexity",
+    "generate": "generate text from a checkpoint (one-shot or interactive)",
+    "convert": "convert checkpoints between native, Hugging Face, Meta, llama2.c and GGUF",
+    "demo": "prepare the built-in corpus, train the demo model for a few minutes, sample from it",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: llamalab <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, desc in COMMANDS.items()]
+    lines += ["", "Run `llamalab <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"llamalab {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"llamalab: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"llamalab.commands.{name}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `llamalab <command>`, each with `main(argv) -> int`."""

@@ -1,0 +1,1 @@
+"""Readers and writers for other checkpoint formats (Hugging Face, Meta, llama2.c, GGUF)."""

@@ -1,0 +1,1 @@
+"""Data pipeline: readers, cleaners, deduplication, tokenized shards and the mixture loader."""

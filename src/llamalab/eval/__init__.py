@@ -1,0 +1,1 @@
+"""Zero-shot evaluation (the paper's common-sense tasks) and perplexity."""

@@ -1,0 +1,208 @@
+"""The LLaMA transformer (Touvron et al., 2023) in plain PyTorch.
+
+Pre-normalisation with RMSNorm, SwiGLU feed-forward, rotary position embeddings on interleaved pairs, causal
+attention through ``scaled_dot_product_attention``, grouped-query attention when ``n_kv_heads < n_heads``, no
+biases and an untied output layer. Parameter names are Meta's, so Meta checkpoints load one to one.
+
+This file knows nothing of parallelism, checkpoints or command lines. Generation passes a key/value cache (any
+object with ``update(input_pos, k, v) -> (k, v)``) per layer; training passes none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in fp32 whatever the input dtype (as in Meta's code)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta^(-2i/d) for i < d/2, shape (max_seq_len, head_dim // 2), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by the given angles.
+
+    ``cos``/``sin`` are (seq, head_dim/2) or (batch, seq, head_dim/2). Real arithmetic, not complex numbers,
+    so it compiles and runs on every backend; computed in fp32 like Meta's reference.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves n_rep query heads
+            n_rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The LLaMA decoder. ``model(tokens)`` maps (batch, seq) token ids to (batch, seq, vocab) logits.
+
+    Build it on the meta device and call ``init_weights()`` once it has real storage (see ``build_model``), so
+    a 65B model is never materialised twice. ``layers`` is a ModuleDict keyed by layer number, so pipeline
+    stages can delete layers and keep Meta's names (``layers.N...``).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(bf16)`` would round the rotary tables; keep them fp32, recomputed on their new device.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.rope_cos, self.rope_sin = rope_tables(
+                self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope_cos.device)
+        return self
+
+    def init_buffers(self) -> None:
+        """Recompute the rotary tables in place (after ``to_empty`` they hold garbage)."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
+                               device=self.rope_cos.device)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter; the paper does not state an init, so we use GPT-2's.
+
+        Embedding, attention and feed-forward input matrices and the output layer: N(0, 0.02) truncated at
+        ±3σ. The two matrices that write into the residual stream (``wo``, ``w2``) are scaled by
+        1/sqrt(2·n_layers) so the residual variance stays flat with depth. Norm gains are 1. Parameters are
+        drawn in a fixed order from ``generator`` (or the global RNG), so a seed fixes the model.
+        """
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+
+        def normal(t: torch.Tensor, s: float) -> None:
+            nn.init.trunc_normal_(t, mean=0.0, std=s, a=-3 * s, b=3 * s, generator=generator)
+
+        normal(self.tok_embeddings.weight, std)
+        for layer in self.layers.values():
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
+                        layer.feed_forward.w1, layer.feed_forward.w3):
+                normal(lin.weight, std)
+            normal(layer.attention.wo.weight, residual_std)
+            normal(layer.feed_forward.w2.weight, residual_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        normal(self.output.weight, std)
+        self.init_buffers()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, caches=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``tokens`` (batch, seq).
+
+        Training: only ``tokens``; attention is causal from position 0. Generation: ``input_pos`` holds the
+        positions of ``tokens`` ((seq,) or (batch, seq)), ``caches`` one cache per layer and ``mask`` a boolean
+        (batch or 1, 1, seq, cache_len) attention mask, True where attention is allowed.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if input_pos is None:
+            cos, sin = self.rope_cos[: h.shape[1]], self.rope_sin[: h.shape[1]]
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        for i, layer in enumerate(self.layers.values()):
+            h = layer(h, cos, sin, None if caches is None else caches[i], input_pos, mask)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                init: bool = True, seed: int | None = None) -> Transformer:
+    """Build on the meta device, give it storage on ``device``, then initialise (or leave it for a load)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    if init:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        model.init_weights(generator)
+    else:
+        model.init_buffers()
+    if dtype is not None:
+        model.to(dtype)
+    return model

@@ -1,0 +1,1 @@
+"""Scale-out: device mesh and the parallelize step (TP/SP, activation checkpointing, compile, FSDP2)."""

@@ -1,0 +1,1 @@
+"""Pretraining: config, the loop, optimizer and schedule, checkpoints, metrics."""
