@@ -46,9 +46,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by the given angles.
 
-    ``cos``/``sin`` are (seq, head_dim/2) or (batch, seq, head_dim/2). Real arithmetic, not complex numbers,
-    so it compiles and runs on every backend; computed in fp32 like Meta's reference.
+    ``cos``/``sin`` are (seq, head_dim/2) or (batch, seq, head_dim/2), at least as long as x's sequence (longer
+    tables are cut to it: under sequence parallelism only the attention sees the full sequence). Real arithmetic,
+    not complex numbers, so it compiles and runs on every backend; computed in fp32 like Meta's reference.
     """
+    cos, sin = cos[..., : x.shape[1], :], sin[..., : x.shape[1], :]
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
@@ -67,9 +69,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
@@ -181,7 +184,7 @@ class Transformer(nn.Module):
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if input_pos is None:
-            cos, sin = self.rope_cos[: h.shape[1]], self.rope_sin[: h.shape[1]]
+            cos, sin = self.rope_cos, self.rope_sin  # cut to the sequence length in apply_rotary
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for i, layer in enumerate(self.layers.values()):

@@ -1,0 +1,89 @@
+"""Distributed checkpoints across layouts, and export of a distributed checkpoint to a native folder.
+
+``torch.distributed.checkpoint`` (DCP) stores every tensor under its fully qualified name with its global shape,
+so a checkpoint saved under one layout (FSDP, TP, PP, any degrees) loads under any other, including one
+process. The only thing layouts must agree on is the names: ``state_module`` gives a pipeline rank's stages
+one module whose names are the plain model's (``layers.N...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def state_module(parts: list[nn.Module]) -> nn.Module:
+    """One module over this rank's model parts, with the plain model's parameter names.
+
+    Without pipeline parallelism that is the model itself. With it, the stages' blocks and ends are registered
+    (not copied) under one parent, so ``get_state_dict``/``set_state_dict`` and a single optimizer see
+    ``tok_embeddings.weight``, ``layers.7.attention.wq.weight``, ``output.weight`` as in the full model.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    view = nn.Module()
+    view.layers = nn.ModuleDict()
+    for part in parts:
+        for name, block in part.layers.items():
+            view.layers[name] = block
+        for name in ("tok_embeddings", "norm", "output"):
+            if getattr(part, name, None) is not None:
+                setattr(view, name, getattr(part, name))
+    return view
+
+
+def _model_prefix(keys: list[str]) -> str:
+    """The prefix under which a training checkpoint stores the model (``"model."`` or none)."""
+    for key in keys:
+        if key.endswith("tok_embeddings.weight"):
+            return key[: -len("tok_embeddings.weight")]
+    raise ValueError("no 'tok_embeddings.weight' in the checkpoint: not a llamalab model checkpoint")
+
+
+def read_model_state(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model tensors of a DCP checkpoint, under Meta's names, read in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    dcp_dir = Path(dcp_dir)
+    if not (dcp_dir / ".metadata").is_file():
+        raise FileNotFoundError(f"{dcp_dir}: not a torch.distributed.checkpoint folder (no .metadata file)")
+    metadata = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    prefix = _model_prefix(sorted(tensors))
+    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in tensors.items() if k.startswith(prefix)
+             and not k[len(prefix):].startswith(("state.", "param_groups."))}
+    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)  # fills the tensors in place
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def export_native(dcp_dir: str | Path, out_dir: str | Path, *, args=None, tokenizer_path: str | Path | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Write a single-process native checkpoint (``llamalab.checkpoint.save_pretrained``) from a DCP one.
+
+    The model shape comes from ``args`` (a ``ModelArgs``) or else from a ``config.json`` (native) beside or
+    above the checkpoint; every tensor must be present with the model's shape.
+    """
+    from ..checkpoint import load_state_into, read_config, save_pretrained
+    from ..model import build_model
+
+    dcp_dir = Path(dcp_dir)
+    state = read_model_state(dcp_dir)
+    if args is None:
+        for folder in (dcp_dir, dcp_dir.parent, dcp_dir.parent.parent):
+            if (folder / "config.json").is_file():
+                args, _ = read_config(folder)
+                break
+        else:
+            raise FileNotFoundError(f"{dcp_dir}: no config.json here or in the two folders above; pass args=")
+    stored = next(iter(state.values())).dtype
+    model = build_model(args, init=False, dtype=stored)
+    load_state_into(model, state, str(dcp_dir))
+    if tokenizer_path is None:
+        for folder in (dcp_dir, dcp_dir.parent, dcp_dir.parent.parent):
+            if (folder / "tokenizer.model").is_file():
+                tokenizer_path = folder / "tokenizer.model"
+                break
+    return save_pretrained(out_dir, model, tokenizer_path=tokenizer_path, dtype=dtype)
