@@ -1,0 +1,381 @@
+"""Text generation with a preallocated key/value cache: one prefill, then one token per step.
+
+The loop is gpt-fast's: every layer owns a static ``(batch, kv_heads, cache_len, head_dim)`` key and value
+buffer, the prompt fills it in one forward pass, and each later step feeds one token per row. Shapes never
+change during a generation, so the single-token step can be compiled once (``compile=True``: torch.compile
+with inductor freezing on CPU, CUDA graphs on GPU) and replayed for every position.
+
+Batches of prompts of different lengths are exact: each row keeps its own positions (row ``i`` writes its
+token ``t`` into cache slot ``t``), the prompts are right-padded for the prefill, and a per-row mask lets a
+row attend only to its own slots ``<= position``. Padding never enters a real token's attention, so a
+prompt gives the same tokens in a batch as alone. Sampling draws one uniform number per row from a
+per-row ``torch.Generator`` (seeded with ``seed``), so sampled tokens do not depend on the batch either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ContextLengthError", "Decoder", "KVCache", "generate", "generate_tokens", "sample_next"]
+
+
+class ContextLengthError(ValueError):
+    """A prompt plus the tokens asked for does not fit in the model's context."""
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value buffers; ``update`` writes each row's new entries at that row's positions."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, cache_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, cache_len, head_dim)
+        # zeros, not empty: masked slots still enter the softmax-weighted sum with weight 0, and 0 * NaN = NaN
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """``input_pos`` (batch, seq) positions; ``k``/``v`` (batch, kv_heads, seq, head_dim)."""
+        index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k, self.v
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row from ``logits`` (batch, vocab): argmax when ``temperature`` is 0, else a draw.
+
+    The draw inverts the cumulative distribution at ``uniform`` (one number in [0, 1) per row), restricted
+    to the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    if top_p is not None and top_p < 1.0:
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first token always stays
+    cdf = sorted_probs.cumsum(-1)
+    threshold = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, threshold, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def _cache_len(need: int, max_seq_len: int) -> int:
+    """Cache length for ``need`` positions: a power of two (few distinct compiled shapes), at most the context."""
+    return min(max_seq_len, max(64, 1 << (need - 1).bit_length()))
+
+
+class Decoder:
+    """Static caches for ``batch_size`` rows of ``cache_len`` positions, a prefill and a (compilable) step.
+
+    Build it once and reuse it (``generate`` keeps one per shape on the model), so a compiled step is
+    compiled once. ``compile=True`` compiles the single-token step; the prefill stays eager.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, cache_len: int, *, compile: bool = False):
+        args = model.args
+        if cache_len > args.max_seq_len:
+            raise ContextLengthError(f"cache length {cache_len} exceeds the model's max_seq_len={args.max_seq_len}")
+        self.model, self.batch_size, self.cache_len = model, batch_size, cache_len
+        self.dtype = model.tok_embeddings.weight.dtype
+        self.device = model.tok_embeddings.weight.device
+        self.caches = [KVCache(batch_size, args.kv_heads, cache_len, args.head_dim, self.dtype, self.device)
+                       for _ in range(args.n_layers)]
+        self.slots = torch.arange(cache_len, device=self.device)
+        self.compiled = compile
+        self._step = self._compile(self.step_logits) if compile else self.step_logits
+        self._greedy_step = self._compile(self.greedy_step) if compile else self.greedy_step
+
+    def _compile(self, fn):
+        if self.device.type == "cuda":
+            return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def _context(self):
+        """Inductor freezing (weights folded in as constants) is what makes a compiled CPU step pay."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(freezing=True)
+
+    def reset(self) -> None:
+        for cache in self.caches:
+            cache.k.zero_()
+            cache.v.zero_()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits for ``tokens`` (batch, seq) at ``input_pos`` (batch, seq), reading and filling the caches."""
+        mask = (self.slots <= input_pos[:, :, None])[:, None]  # (batch, 1, seq, cache_len)
+        return self.model(tokens, input_pos, self.caches, mask)
+
+    def step_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One token per row: (batch, 1) tokens and positions -> (batch, vocab) fp32 logits."""
+        return self.forward(tokens, input_pos)[:, -1].float()
+
+    def greedy_step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.step_logits(tokens, input_pos).argmax(-1)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run the right-padded prompts through the model; (batch, vocab) logits at each row's last token."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        pos = torch.arange(width, device=self.device).expand(len(prompts), -1)
+        logits = self.forward(tokens, pos)
+        last = torch.as_tensor(lengths, device=self.device) - 1
+        return logits[torch.arange(len(prompts), device=self.device), last].float()
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,
+               eos_ids: Iterable[int] = ()) -> Iterator[list[int]]:
+        """Yield the next token of every row, step by step, until all rows ended (EOS) or the budget is spent.
+
+        Rows that already produced an EOS keep decoding (their tokens are to be ignored) so shapes stay fixed.
+        """
+        if len(prompts) != self.batch_size:
+            raise ValueError(f"this Decoder holds {self.batch_size} rows, got {len(prompts)} prompts")
+        lengths = [len(p) for p in prompts]
+        if max(lengths) + max_new_tokens > self.cache_len:
+            raise ContextLengthError(f"longest prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                     f"exceeds the cache length {self.cache_len}")
+        greedy = temperature <= 0
+        generators = None if greedy else _generators(seed, len(prompts), self.device)
+        eos = set(eos_ids)
+        ended = [False] * len(prompts)
+        with torch.inference_mode():
+            self.reset()
+            logits = self.prefill(prompts)
+            pos = torch.as_tensor(lengths, device=self.device)[:, None]
+        for t in range(max_new_tokens):
+            with torch.inference_mode():  # entered per step: a suspended generator must not leak the mode
+                if t == 0 or not greedy:
+                    uniform = None if greedy else _uniform(generators, self.device)
+                    nxt = sample_next(logits, temperature, top_k, top_p, uniform)
+                out = nxt.tolist()
+            yield out
+            ended = [e or tok in eos for e, tok in zip(ended, out)]
+            if all(ended) or t == max_new_tokens - 1:
+                return
+            with torch.inference_mode(), self._context():
+                if greedy:
+                    nxt = self._greedy_step(nxt[:, None], pos)
+                else:
+                    logits = self._step(nxt[:, None], pos)
+                pos = pos + 1
+
+
+def _generators(seed, batch: int, device) -> list[torch.Generator]:
+    seeds = [seed] * batch if seed is None or isinstance(seed, int) else list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"seed: got {len(seeds)} seeds for {batch} prompts")
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        if s is None:
+            g.seed()
+        else:
+            g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+def _uniform(generators: list[torch.Generator], device) -> torch.Tensor:
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(device)
+
+
+def get_decoder(model: nn.Module, batch_size: int, need: int, *, compile: bool = False) -> Decoder:
+    """The model's Decoder for this shape, built on first use and kept on the model (compiled steps reused)."""
+    args = model.args
+    cache_len = _cache_len(need, args.max_seq_len)
+    dtype = model.tok_embeddings.weight.dtype
+    key = (batch_size, cache_len, dtype, model.tok_embeddings.weight.device, bool(compile))
+    decoders = model.__dict__.setdefault("_llamalab_decoders", {})
+    if key not in decoders:
+        decoders[key] = Decoder(model, batch_size, cache_len, compile=compile)
+    return decoders[key]
+
+
+def _check_lengths(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    max_seq_len = model.args.max_seq_len
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (the BOS token for unconditional text)")
+        if len(p) + max_new_tokens > max_seq_len:
+            raise ContextLengthError(
+                f"prompt {i} has {len(p)} tokens and max_new_tokens is {max_new_tokens}: {len(p) + max_new_tokens} "
+                f"positions exceed the model's max_seq_len={max_seq_len}; shorten the prompt or lower max_new_tokens")
+        vocab = model.args.vocab_size
+        bad = [t for t in p if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+
+def _token_stream(model, prompt_ids, max_new_tokens, *, temperature, top_k, top_p, seed, eos_ids, compile):
+    prompt_ids = [[int(t) for t in p] for p in prompt_ids]
+    _check_lengths(model, prompt_ids, max_new_tokens)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    need = max(len(p) for p in prompt_ids) + max_new_tokens
+    decoder = get_decoder(model, len(prompt_ids), need, compile=compile)
+    return decoder.stream(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, eos_ids=eos_ids)
+
+
+def _eos_set(eos_id) -> tuple[int, ...]:
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, int):
+        return () if eos_id < 0 else (eos_id,)
+    return tuple(int(e) for e in eos_id if e >= 0)
+
+
+def generate_tokens(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | Sequence[int] | None = None, eos_id: int | Iterable[int] | None = None,
+                    compile: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (lists of ids); no tokenizer needed.
+
+    A row stops at the first token in ``eos_id`` (which is kept as its last token) or after
+    ``max_new_tokens``. ``seed`` (an int, or one per prompt) makes sampling reproducible.
+    """
+    eos = _eos_set(eos_id)
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    ended = [False] * len(prompt_ids)
+    for step in _token_stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, eos_ids=eos, compile=compile):
+        for i, tok in enumerate(step):
+            if not ended[i]:
+                out[i].append(tok)
+                ended[i] = tok in eos
+    return out
+
+
+class _TextTracker:
+    """Turns one row's growing token list into text: the continuation of the prompt, cut at a stop string."""
+
+    def __init__(self, tokenizer, prompt: list[int], stop: Sequence[str]):
+        self.tokenizer, self.prompt, self.stop = tokenizer, prompt, stop
+        self.prompt_text = tokenizer.decode(prompt)
+        self.tokens: list[int] = []
+        self.stopped = False
+        self.emitted = 0
+
+    def text(self) -> str:
+        # Decode with the prompt: SentencePiece drops the leading space of a text's first piece.
+        full = self.tokenizer.decode(self.prompt + self.tokens)
+        if full.startswith(self.prompt_text):
+            return full[len(self.prompt_text):]
+        return self.tokenizer.decode(self.tokens)
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.stop and not self.stopped:
+            self.stopped = any(s in self.text() for s in self.stop)
+
+    def final(self) -> str:
+        text = self.text()
+        cuts = [text.find(s) for s in self.stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def ready(self) -> str:
+        """New text safe to emit: no half-decoded byte sequence, nothing that may turn into a stop string."""
+        text = self.final() if self.stopped else self.text()
+        if not self.stopped:
+            end = len(text)
+            while end > self.emitted and text[end - 1] == "\ufffd":  # an incomplete multi-byte character
+                end -= 1
+            for s in self.stop:  # hold back a tail that could be the start of a stop string
+                for k in range(min(len(s) - 1, end - self.emitted), 0, -1):
+                    if text[end - k:end] == s[:k]:
+                        end -= k
+                        break
+            text = text[:end]
+        piece = text[self.emitted:]
+        self.emitted = len(text)
+        return piece
+
+
+def generate(model: nn.Module, tokenizer, prompts, *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,
+             stop: str | Sequence[str] | None = None, stream: bool = False, compile: bool = False,
+             bos: bool = True):
+    """Generate text continuing ``prompts`` (a str, a list of str, or token-id lists).
+
+    Returns the new text (a str for a str prompt, else a list), or with ``stream=True`` (one prompt) an
+    iterator of new text pieces that join to the same string. Each row stops at the tokenizer's EOS, at the
+    first of the ``stop`` strings (which is cut off), or after ``max_new_tokens``. ``temperature`` 0 is
+    greedy; ``top_k``/``top_p`` restrict sampling; ``seed`` (an int, or one per prompt) makes it repeatable.
+    """
+    if tokenizer is None:
+        raise ValueError("generate needs a tokenizer (this checkpoint has no tokenizer.model); "
+                         "use generate_tokens for token ids")
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+    batch = [prompts] if single else list(prompts)
+    if not batch:
+        return []
+    prompt_ids = [tokenizer.encode(p, bos=bos) if isinstance(p, str) else [int(t) for t in p] for p in batch]
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    eos = _eos_set(tokenizer.eos_id)
+    steps = _token_stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, eos_ids=eos, compile=compile)
+    trackers = [_TextTracker(tokenizer, p, stops) for p in prompt_ids]
+    if stream:
+        if len(batch) != 1:
+            raise ValueError(f"stream=True takes one prompt, got {len(batch)}")
+        return _stream_text(steps, trackers[0], eos)
+    ended = [False] * len(batch)
+    for step in steps:
+        for i, tok in enumerate(step):
+            if ended[i]:
+                continue
+            if tok in eos:
+                ended[i] = True
+                continue
+            trackers[i].add(tok)
+            ended[i] = trackers[i].stopped
+        if all(ended):
+            steps.close()
+            break
+    texts = [t.final() for t in trackers]
+    return texts[0] if single else texts
+
+
+def _stream_text(steps, tracker: _TextTracker, eos) -> Iterator[str]:
+    try:
+        for (tok,) in steps:
+            if tok in eos:
+                break
+            tracker.add(tok)
+            piece = tracker.ready()
+            if piece:
+                yield piece
+            if tracker.stopped:
+                break
+        tracker.stopped = True  # flush what was held back
+        piece = tracker.ready()
+        if piece:
+            yield piece
+    finally:
+        steps.close()
