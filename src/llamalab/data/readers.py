@@ -220,7 +220,7 @@ def _read_stackexchange(path: Path, *, source, bad, **_) -> Iterator[Document]:
     def thread(q: dict) -> Document:
         answers = answer_order(q["answers"])
         text = format_thread(q["title"], q["question"], [a["text"] for a in answers])
-        meta = {k: q[k] for k in ("site", "question_id", "title", "tags", "score")}
+        meta = {k: q[k] for k in ("site", "question_id", "title", "tags", "score", "question")}
         meta["answers"] = [{"answer_id": a["answer_id"], "score": a["score"],
                             "accepted": str(a["answer_id"]) == q["accepted"], "text": a["text"]} for a in answers]
         return Document(text, source, f"{site}/{q['question_id']}", q["location"], meta)
