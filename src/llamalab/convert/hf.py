@@ -7,10 +7,15 @@ are the same model once the rows of ``wq`` and ``wk`` are permuted within each h
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from ..checkpoint import atomic_write_dir
 from ..model import ModelArgs
 from ..model.args import ffn_params_for_hidden
 
@@ -80,17 +85,22 @@ def meta_to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[st
     return out
 
 
+def hf_tensor_to_meta(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str | None, torch.Tensor]:
+    """(Meta name, tensor in Meta's layout) for one HF tensor; the name is None for derived buffers."""
+    meta = hf_name_to_meta(name)
+    if meta is not None and meta.endswith("attention.wq.weight"):
+        tensor = permute_from_hf(tensor, args.n_heads)
+    elif meta is not None and meta.endswith("attention.wk.weight"):
+        tensor = permute_from_hf(tensor, args.kv_heads)
+    return meta, tensor
+
+
 def hf_to_meta_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
-        meta = hf_name_to_meta(name)
-        if meta is None:
-            continue
-        if meta.endswith("attention.wq.weight"):
-            tensor = permute_from_hf(tensor, args.n_heads)
-        elif meta.endswith("attention.wk.weight"):
-            tensor = permute_from_hf(tensor, args.kv_heads)
-        out[meta] = tensor.contiguous()
+        meta, tensor = hf_tensor_to_meta(name, tensor, args)
+        if meta is not None:
+            out[meta] = tensor.contiguous()
     if "output.weight" not in out and "tok_embeddings.weight" in out:  # tied checkpoints (tie_word_embeddings)
         out["output.weight"] = out["tok_embeddings.weight"].clone()
     return out
@@ -162,3 +172,243 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> tuple[ModelAr
         if isinstance(value, int):
             special[ours] = value
     return args, special
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folder-level export and import
+
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"500MB"`` / ``"2GiB"`` (what ``--max-shard-size`` takes)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
+    if not m:
+        raise ValueError(f"invalid size {size!r}; expected bytes or a number with KB/MB/GB/KiB/MiB/GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
+
+
+def shard_state(state: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split ``state`` (in order) into shards of at most ``max_shard_size`` bytes (a bigger tensor goes alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_safetensors(folder: Path, state: dict[str, torch.Tensor], max_shard_size: int) -> list[str]:
+    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json`` (HF's layout)."""
+    from safetensors.torch import save_file
+
+    shards = shard_state(state, max_shard_size)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / HF_WEIGHTS), metadata={"format": "pt"})
+        return [HF_WEIGHTS]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names + [HF_INDEX]
+
+
+def write_hf_tokenizer(folder: Path, tokenizer_path: Path, max_seq_len: int) -> None:
+    """``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+    transformers 5 converts a bare ``tokenizer.model`` with a Metaspace pre-tokenizer (drops the space of
+    text that starts with one) and BPE merges ranked by id (LLaMA gives whitespace pieces score -1e9, so
+    ``" Hello"`` splits differently). We write ``tokenizer.json`` ourselves with SentencePiece's rules and
+    point ``tokenizer_config.json`` at the plain fast tokenizer, so ``AutoTokenizer`` gives SentencePiece's ids.
+    """
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    special = {}
+    for key, sid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", tok.unk_id),
+                     ("pad_token", tok.pad_id)):
+        if sid >= 0:
+            special[key] = tok.id_to_piece(sid)
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "add_bos_token": tok.bos_id >= 0,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "model_max_length": max_seq_len,
+    }
+    try:
+        fast = sentencepiece_to_tokenizers(tokenizer_path)
+    except ImportError:
+        print("note: the `tokenizers` package is missing; tokenizer.json not written "
+              "(AutoTokenizer will convert tokenizer.model itself, with different ids for leading spaces)")
+    else:
+        fast.save(str(folder / "tokenizer.json"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def sentencepiece_to_tokenizers(model_path: str | Path):
+    """A ``tokenizers.Tokenizer`` that encodes and decodes like a SentencePiece BPE model (byte fallback).
+
+    SentencePiece merges the adjacent pair whose merged piece scores highest; ranking the merges by that
+    score (ties as transformers orders them) makes HF's BPE take the same steps.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    from .spm import SentencePiece, load_proto
+
+    proto = load_proto(model_path)
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        raise ValueError(f"{model_path}: only SentencePiece BPE models can be exported to tokenizer.json")
+    pieces = proto.pieces
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
+    merges = []
+    for p in pieces:
+        if p.type != SentencePiece.NORMAL:
+            continue
+        local = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))
+                 if p.piece[:k] in vocab and p.piece[k:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges += [(-p.score, left, right) for left, right in local]
+    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))  # stable: keeps the per-piece order
+    spec = proto.trainer_spec
+    model = models.BPE(vocab=vocab, merges=[(left, right) for _, left, right in merges],
+                       unk_token=pieces[spec.unk_id].piece, fuse_unk=True, byte_fallback=spec.byte_fallback)
+    tok = Tokenizer(model)
+    steps = [normalizers.Replace(" ", "▁")]
+    if proto.normalizer_spec.add_dummy_prefix:
+        steps.insert(0, normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1 if proto.normalizer_spec.add_dummy_prefix else 0, 0)])
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in pieces
+                            if p.type in (SentencePiece.CONTROL, SentencePiece.UNKNOWN)])
+    if spec.bos_id >= 0:
+        bos = pieces[spec.bos_id].piece
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, spec.bos_id)])
+    return tok
+
+
+def export_hf(native_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a Hugging Face ``LlamaForCausalLM`` folder that ``from_pretrained`` loads."""
+    from .common import DTYPE_NAMES, read_native
+
+    native = read_native(native_dir, dtype)
+    args = native.args
+    state = meta_to_hf_state(native.state_dict(), args)
+    stored = next(iter(state.values())).dtype
+    config = hf_config(args, native.special_ids, torch_dtype=DTYPE_NAMES.get(stored, "float32"))
+    limit = parse_size(max_shard_size)
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_safetensors(tmp, state, limit)
+        if native.tokenizer_path is not None:
+            write_hf_tokenizer(tmp, native.tokenizer_path, args.max_seq_len)
+
+    atomic_write_dir(Path(out_dir), write)
+    return Path(out_dir)
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    for single, index in ((HF_WEIGHTS, HF_INDEX), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return [folder / f for f in dict.fromkeys(weight_map.values())]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(f"{folder}: no {HF_WEIGHTS}, {HF_INDEX} or pytorch_model.bin[.index.json]")
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _open_hf_weights(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> loader of one tensor, so only one tensor at a time is read into memory."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        handle = safe_open(str(path), framework="pt")
+        return {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # never runs pickled code
+    return {k: (lambda v=v: v) for k, v in state.items()}
+
+
+def _hf_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) without reading the data."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), _ST_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32))
+                    for k in f.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+    """A native folder from an HF ``LlamaForCausalLM`` folder (sharded or not, GQA, tied embeddings).
+
+    The native dtype is ``dtype`` or else the stored one. Tensors are read one at a time.
+    """
+    from .common import parse_dtype, write_native
+
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing; a Hugging Face model folder holds config.json")
+    cfg = json.loads(cfg_path.read_text())
+    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in archs:
+        raise ValueError(f"{cfg_path}: architectures {archs} is not LlamaForCausalLM")
+    args, special = args_from_hf_config(cfg, str(cfg_path))
+    files = _hf_weight_files(hf_dir)
+    shapes, dtypes = {}, []
+    for f in files:
+        for name, (shape, dt) in _hf_header(f).items():
+            meta = hf_name_to_meta(name)
+            if meta is not None:
+                shapes[meta] = shape
+                dtypes.append(dt)
+    tied = "output.weight" not in shapes and "tok_embeddings.weight" in shapes
+    if tied:
+        shapes["output.weight"] = shapes["tok_embeddings.weight"]
+
+    def tensors():
+        for f in files:
+            for name, load in _open_hf_weights(f).items():
+                meta, tensor = hf_tensor_to_meta(name, load(), args)
+                if meta is None:
+                    continue
+                yield meta, tensor
+                if tied and meta == "tok_embeddings.weight":
+                    yield "output.weight", tensor
+
+    target = parse_dtype(dtype) or (dtypes[0] if dtypes else torch.float32)
+    tok = hf_dir / "tokenizer.model"
+    if not tok.is_file():
+        print(f"note: {hf_dir} has no tokenizer.model (SentencePiece); the native folder will have no tokenizer")
+        tok = None
+    return write_native(out_dir, args, shapes, tensors, source=str(hf_dir), dtype=target, tokenizer_path=tok,
+                        special_ids=None if tok else special)
