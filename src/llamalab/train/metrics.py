@@ -1,0 +1,109 @@
+"""Throughput accounting (FLOPs per token, a measured matmul peak, MFU) and metric sinks (JSONL, TensorBoard, PNG)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..model.args import ModelArgs
+
+
+def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """6·N + 12·n_layers·dim·seq (PaLM appendix B): forward + backward FLOPs per trained token.
+
+    N counts the parameters that take part in matrix multiplications: every weight except the token embedding
+    (a table lookup) and the norm gains. The second term is the attention score and value products, which have no
+    parameters.
+    """
+    n_matmul = args.num_params() - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim
+    return 6.0 * n_matmul + 12.0 * args.n_layers * args.dim * seq_len
+
+
+def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                       size: int | None = None, seconds: float = 0.3) -> float:
+    """Best FLOP/s of square matmuls in ``dtype`` over about ``seconds`` (the MFU denominator).
+
+    The best of several repetitions, so a busy machine lowers it less than it lowers a mean.
+    """
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b)  # warm-up: kernel selection, page faults
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        elapsed = time.perf_counter() - start
+        best = max(best, 2.0 * size**3 / elapsed)
+        if time.perf_counter() > deadline:
+            return best
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    """Training and validation loss against tokens seen, written with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("split") == "train" and r.get("loss") is not None]
+    val = [r for r in records if r.get("split") == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], lw=1.2, label="train")
+    if val:
+        ax.plot([r["tokens"] / 1e6 for r in val], [r["loss"] for r in val], "o-", lw=1.5, label="validation")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,387 @@
+"""Pretraining loop: the paper's recipe with exact resume, metrics and a timed mode.
+
+``train(cfg)`` runs one process or, under ``torchrun``, one rank (RANK / WORLD_SIZE / LOCAL_RANK from the
+environment). Each optimizer step takes ``grad_accum`` micro-batches of ``batch.micro_batch`` sequences per
+data-parallel rank, so a step always sees ``batch.global_tokens`` tokens whatever the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import Config, ConfigError
+from ..model import ModelArgs, build_model
+from . import checkpoint as ckpt
+from .activation_checkpoint import apply_activation_checkpointing
+from .metrics import MetricsLog, measure_peak_flops, plot_loss_curve, training_flops_per_token
+from .optim import Schedule, build_optimizer, clip_grad_norm
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    val_loss_per_byte: float | None = None
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    peak_flops: float = 0.0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+    plot: Path | None = None
+    final_dir: Path | None = None
+    checkpoint: Path | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Distributed:
+    """Read torchrun's environment; start a process group only when there are several ranks."""
+    world = Distributed(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+    if world.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return world
+
+
+def resolve_device(name: str, world: Distributed | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{world.local_rank if world else 0}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    if cfg.precision.mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, accumulated in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def prepare_data(cfg: Config, world: Distributed) -> Path:
+    """The prepared folder of ``[data]``: ``prepared`` as is, or the ``recipe`` (default: the built-in corpus)
+    prepared by rank 0 first -- a no-op when it is already up to date."""
+    if cfg.data.prepared and not cfg.data.recipe:
+        return Path(cfg.data.prepared)
+    from ..data.prepare import prepare
+
+    folder = None
+    if world.is_main:
+        folder = Path(prepare(cfg.data.recipe or None, output=cfg.data.prepared or None))
+    if world.world_size > 1:
+        shared = [str(folder) if world.is_main else None]
+        dist.broadcast_object_list(shared, src=0)
+        folder = Path(shared[0])
+    return folder
+
+
+def batch_layout(cfg: Config, seq_len: int, world: Distributed) -> tuple[int, int, int]:
+    """(data-parallel degree, gradient-accumulation steps, tokens per optimizer step)."""
+    dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
+    per_micro = cfg.batch.micro_batch * seq_len * dp
+    accum = max(1, round(cfg.batch.global_tokens / per_micro))
+    return dp, accum, accum * per_micro
+
+
+def total_steps(cfg: Config, tokens_per_step: int) -> int:
+    if cfg.length.steps:
+        return cfg.length.steps
+    if cfg.length.tokens:
+        return max(1, math.ceil(cfg.length.tokens / tokens_per_step))
+    return 10**12  # time-bounded only
+
+
+def parallelize(model, cfg: Config, world: Distributed, device: torch.device):
+    """Apply the ``[parallel]`` layout (llamalab.parallel) when there are several ranks; else leave the model."""
+    if world.world_size == 1:
+        return model
+    raise ConfigError(f"world size {world.world_size}: multi-process training needs llamalab.parallel "
+                      "(parallelize_model), which is not wired into the trainer yet")
+
+
+@torch.no_grad()
+def evaluate(model, validation, cfg: Config, device: torch.device) -> dict:
+    """Mean loss over the held-out batches; bits per byte and nats per byte from the set's bytes per token."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in validation.batches():
+        batch = batch.to(device, non_blocking=True)
+        with autocast_context(cfg, device):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    stats = torch.tensor([total, count], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    model.train(was_training)
+    loss = (stats[0] / stats[1]).item()
+    per_byte = loss / validation.bytes_per_token
+    return {"loss": loss, "bpb": per_byte / math.log(2), "loss_per_byte": per_byte}
+
+
+def _log(msg: str, world: Distributed) -> None:
+    if world.is_main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, *, on_step=None) -> TrainResult:
+    """Train as ``cfg`` says; returns a summary. ``on_step(step, record)`` is called after every step."""
+    requested = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    world = init_distributed(torch.device(requested).type)
+    device = resolve_device(cfg.run.device, world)
+    out_dir = Path(cfg.run.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    seed_everything(cfg.run.seed)
+
+    from ..data.loader import MixtureLoader, ValidationSet
+
+    data_dir = prepare_data(cfg, world)
+    tokenizer_path = data_dir / "tokenizer.model"
+    vocab = None
+    if tokenizer_path.is_file():
+        from ..tokenizer import Tokenizer
+
+        vocab = Tokenizer(tokenizer_path).vocab_size
+    else:
+        vocab = json.loads((data_dir / "manifest.json").read_text()).get("vocab_size")
+    args: ModelArgs = cfg.model_args(vocab_size=vocab)
+    seq_len = cfg.data.seq_len or args.max_seq_len
+    if seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len: {seq_len} is longer than model.max_seq_len {args.max_seq_len}")
+    dp, accum, step_tokens = batch_layout(cfg, seq_len, world)
+    n_steps = total_steps(cfg, step_tokens)
+    dp_rank = world.rank % dp if world.world_size > 1 else 0
+
+    loader = MixtureLoader(data_dir, split="train", batch_size=cfg.batch.micro_batch, seq_len=seq_len,
+                           seed=cfg.run.seed, rank=dp_rank, world_size=dp)
+    validation = None
+    if cfg.data.val_batches:
+        try:
+            validation = ValidationSet(data_dir, seq_len, cfg.batch.micro_batch, max_batches=cfg.data.val_batches,
+                                       rank=dp_rank, world_size=dp)
+        except ValueError as exc:
+            _log(f"no validation: {exc}", world)
+
+    model = build_model(args, device=device, seed=cfg.run.seed)
+    model = parallelize(model, cfg, world, device)
+    if world.world_size == 1:
+        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
+        if cfg.compile.enabled:
+            model.compile()
+    optimizer = build_optimizer(model, cfg.optimizer)
+    schedule = Schedule(cfg.optimizer.lr, cfg.schedule, n_steps)
+
+    step, tokens, skipped, elapsed_before = 0, 0, 0, 0.0
+    last_ckpt: Path | None = None
+    if cfg.checkpoint.resume:
+        candidates = ([Path(cfg.checkpoint.resume)] if cfg.checkpoint.resume != "auto"
+                      else ckpt.find_resumable(ckpt_root, log=lambda m: _log(m, world)))
+        for folder in candidates:
+            try:
+                state, loader_state = ckpt.load_checkpoint(folder, model, optimizer, rank=world.rank)
+            except (ckpt.CheckpointError, OSError, RuntimeError, ValueError, KeyError) as exc:
+                if cfg.checkpoint.resume != "auto":
+                    raise
+                _log(f"skipping checkpoint {folder.name}: cannot load it ({exc})", world)
+                continue
+            if loader_state is not None:
+                loader.load_state_dict(loader_state)
+            step, tokens = state["step"], state["tokens"]
+            skipped, elapsed_before = state.get("skipped_steps", 0), state.get("train_seconds", 0.0)
+            last_ckpt = folder
+            _log(f"resumed from {folder} (step {step}, {tokens:,} tokens)", world)
+            break
+        else:
+            if cfg.checkpoint.resume == "auto":
+                _log(f"no complete checkpoint under {ckpt_root}: starting from scratch", world)
+
+    start_tokens = tokens
+    flops_per_token = training_flops_per_token(args, seq_len)
+    if cfg.logging.peak_tflops:
+        peak = cfg.logging.peak_tflops * 1e12
+    else:
+        peak = measure_peak_flops(torch.bfloat16 if cfg.precision.mode == "bf16" else torch.float32, device)
+    log = MetricsLog(out_dir, cfg.logging.tensorboard, enabled=world.is_main)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _log(f"model {cfg.model.preset}: {args.num_params() / 1e6:.2f}M parameters, vocab {args.vocab_size}; "
+             f"{step_tokens:,} tokens/step = {cfg.batch.micro_batch} seq x {seq_len} x {accum} accum x {dp} dp; "
+             f"{'time-bounded' if n_steps >= 10**12 else f'{n_steps} steps'}; precision {cfg.precision.mode}; "
+             f"activation checkpointing {cfg.activation_checkpoint.mode}; compile {cfg.compile.enabled}; "
+             f"peak {peak / 1e12:.3f} TFLOP/s", world)
+
+    def trainer_state() -> dict:
+        return {"step": step, "tokens": tokens, "skipped_steps": skipped, "train_seconds": train_seconds(),
+                "schedule": schedule.state_dict(), "config": cfg.to_dict(), "model_args": args.to_dict()}
+
+    def save() -> Path:
+        return ckpt.save_checkpoint(ckpt_root, step, model, optimizer, trainer_state(), loader.state_dict(),
+                                    rank=world.rank, keep=cfg.checkpoint.keep)
+
+    time_budget = cfg.length.max_minutes * 60.0
+    run_start = time.perf_counter()
+    paused = 0.0  # validation and checkpoint time, not counted as training time
+
+    def train_seconds() -> float:
+        return elapsed_before + time.perf_counter() - run_start - paused
+
+    bar = None
+    if cfg.logging.progress and world.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None if n_steps >= 10**12 else n_steps, initial=step, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+
+    model.train()
+    losses: list[float] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    tokens_per_s = mfu = 0.0
+    bad_in_row = 0
+    val_stats: dict | None = None
+    loss_value: float | None = None
+    try:
+        while step < n_steps:
+            if time_budget and train_seconds() >= time_budget:
+                _log(f"time budget of {cfg.length.max_minutes} min reached at step {step}", world)
+                break
+            time_fraction = min(1.0, train_seconds() / time_budget) if time_budget else None
+            lr = schedule.apply(optimizer, step, time_fraction)
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                batch = next(loader).to(device, non_blocking=True)
+                with autocast_context(cfg, device):
+                    logits = model(batch[:, :-1])
+                loss = cross_entropy_loss(logits, batch[:, 1:])
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            loss_sum /= accum
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            grad_norm = clip_grad_norm(model, cfg.optimizer.grad_clip)
+            loss_value, norm_value = loss_sum.item(), float(grad_norm)
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+            if finite:
+                optimizer.step()
+                bad_in_row = 0
+            else:
+                skipped += 1
+                bad_in_row += 1
+                _log(f"step {step + 1}: non-finite loss or gradient (loss {loss_value}, grad norm {norm_value}); "
+                     f"update skipped ({bad_in_row} in a row, {skipped} in total)", world)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens
+            window_tokens += step_tokens
+            losses.append(loss_value)
+
+            record = {"split": "train", "step": step, "tokens": tokens, "loss": loss_value if finite else None,
+                      "lr": lr, "grad_norm": norm_value if finite else None, "skipped_steps": skipped}
+            if step % cfg.logging.every == 0 or step == n_steps:
+                now = time.perf_counter()
+                tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                mfu = tokens_per_s * flops_per_token / (peak * world.world_size)
+                record.update(tokens_per_s=tokens_per_s, mfu=mfu, train_seconds=train_seconds())
+                log.log(record)
+                window_tokens, window_start = 0, now
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                mfu=f"{100 * mfu:.1f}%", refresh=False)
+            if on_step is not None:
+                on_step(step, record)
+
+            if bad_in_row >= cfg.run.max_bad_steps:
+                # The skipped steps changed no weights, so the model is the last good one: save it.
+                last_ckpt = save()
+                raise TrainingDiverged(
+                    f"{bad_in_row} non-finite losses in a row (steps {step - bad_in_row + 1}-{step}); stopping. "
+                    f"The weights are the last finite ones, saved in {last_ckpt}; resume with --resume auto after "
+                    "lowering optimizer.lr or checking the data.")
+            pause_start = time.perf_counter()
+            if validation is not None and cfg.logging.val_every and step % cfg.logging.val_every == 0 \
+                    and step < n_steps:
+                val_stats = evaluate(model, validation, cfg, device)
+                log.log({"split": "val", "step": step, "tokens": tokens, **val_stats})
+                if bar is not None:
+                    bar.write(f"step {step}: validation loss {val_stats['loss']:.4f}, "
+                              f"{val_stats['bpb']:.4f} bits/byte")
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < n_steps:
+                last_ckpt = save()
+            paused += time.perf_counter() - pause_start
+            window_start += time.perf_counter() - pause_start
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(step):
+        last_ckpt = save()
+    result = TrainResult(out_dir=out_dir, steps=step, tokens=tokens, train_loss=loss_value, skipped_steps=skipped,
+                         train_seconds=train_seconds(), peak_flops=peak, checkpoint=last_ckpt, losses=losses)
+    if validation is not None:
+        val_stats = evaluate(model, validation, cfg, device)
+        log.log({"split": "val", "step": step, "tokens": tokens, **val_stats})
+        result.val_loss, result.val_bpb = val_stats["loss"], val_stats["bpb"]
+        result.val_loss_per_byte = val_stats["loss_per_byte"]
+    session_seconds = result.train_seconds - elapsed_before
+    if session_seconds > 0:  # this session's average, compile and warm-up included
+        result.tokens_per_s = (tokens - start_tokens) / session_seconds
+        result.mfu = result.tokens_per_s * flops_per_token / (peak * world.world_size)
+    log.close()
+    if world.is_main:
+        if cfg.checkpoint.save_final:
+            from ..checkpoint import save_pretrained
+
+            result.final_dir = save_pretrained(out_dir / "final", model,
+                                               tokenizer_path if tokenizer_path.is_file() else None)
+        if cfg.logging.plot and log.path.is_file():
+            result.plot = plot_loss_curve(log.path, out_dir / "loss.png", title=f"{cfg.run.name}: {cfg.model.preset}")
+    if dist.is_initialized():
+        dist.barrier()
+    return result
