@@ -165,8 +165,9 @@ def model_settings(model_path: str | os.PathLike) -> dict:
     return {
         "model_type": sentencepiece_model_pb2.TrainerSpec.ModelType.Name(t.model_type).lower(),
         "vocab_size": len(proto.pieces),
+        "character_coverage": round(t.character_coverage, 6),
         **{k: getattr(t, k) for k in (
-            "character_coverage", "split_digits", "byte_fallback", "allow_whitespace_only_pieces",
+            "split_digits", "byte_fallback", "allow_whitespace_only_pieces",
             "max_sentencepiece_length", "split_by_unicode_script", "split_by_whitespace", "split_by_number",
             "unk_id", "bos_id", "eos_id", "pad_id")},
         "normalization_rule_name": n.name,

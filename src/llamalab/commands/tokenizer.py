@@ -1,0 +1,115 @@
+"""``llamalab tokenizer train|encode|info``: train a BPE tokenizer with LLaMA's settings, or inspect one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamalab tokenizer", description=__doc__)
+    sub = p.add_subparsers(dest="action", required=True)
+
+    t = sub.add_parser("train", help="train a SentencePiece BPE model with LLaMA's trainer settings")
+    t.add_argument("--input", nargs="+", action="append", required=True, metavar="FILE_OR_GLOB",
+                   help="input files or globs; repeat --input for several sources: each source gets an equal "
+                        "share of the sentence budget, so every one is represented")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--output", required=True, help="folder for tokenizer.model")
+    t.add_argument("--format", default="text", choices=["text", "jsonl", "parquet", "gutenberg", "stackexchange"])
+    t.add_argument("--text-field", default="text", help="text field of JSONL/Parquet records")
+    t.add_argument("--max-sentences", type=int, default=2_000_000,
+                   help="training lines sampled in total (default %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("encode", help="print the ids and pieces of a text")
+    e.add_argument("--model", required=True, help="tokenizer.model or a folder holding one")
+    e.add_argument("text", nargs="?", help="text to encode (default: standard input)")
+    e.add_argument("--no-bos", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the ids as a JSON list only")
+
+    d = sub.add_parser("decode", help="print the text of token ids")
+    d.add_argument("--model", required=True)
+    d.add_argument("ids", nargs="+", type=int)
+
+    i = sub.add_parser("info", help="vocabulary size, special ids and the trainer settings stored in the model")
+    i.add_argument("--model", required=True)
+    return p
+
+
+def _model_path(path: str):
+    from pathlib import Path
+
+    p = Path(path)
+    return p / "tokenizer.model" if p.is_dir() else p
+
+
+def _train(args) -> int:
+    from ..data.readers import BadRecord, read_documents
+    from ..tokenizer import Tokenizer, model_settings, sample_sources, train_tokenizer
+
+    started = time.perf_counter()
+    errors: list[tuple[str, str]] = []
+    sources = {
+        f"source{n}": (d.text for d in read_documents(paths, args.format, source=f"source{n}",
+                                                       text_field=args.text_field,
+                                                       on_error=lambda loc, why: errors.append((loc, why))))
+        for n, paths in enumerate(args.input)
+    }
+    try:
+        samples = sample_sources(sources, args.max_sentences, seed=args.seed)
+    except (FileNotFoundError, BadRecord) as exc:
+        print(f"llamalab tokenizer train: {exc}", file=sys.stderr)
+        return 2
+    for loc, why in errors[:5]:
+        print(f"skipped bad record {loc}: {why}", file=sys.stderr)
+    for (name, sample), paths in zip(samples.items(), args.input):
+        if not sample:
+            print(f"llamalab tokenizer train: {name} ({' '.join(paths)}) has no text", file=sys.stderr)
+            return 2
+        print(f"{name}: {len(sample)} sentences from {' '.join(paths)}")
+    texts = [s for sample in samples.values() for s in sample]
+    try:
+        path = train_tokenizer(texts, args.vocab_size, args.output, max_sentences=len(texts), seed=args.seed)
+    except ValueError as exc:
+        print(f"llamalab tokenizer train: {exc}", file=sys.stderr)
+        return 2
+    tok = Tokenizer(path)
+    settings = model_settings(path)
+    print(f"wrote {path}: vocab {tok.vocab_size}, {settings['model_type']}, split_digits={settings['split_digits']}, "
+          f"byte_fallback={settings['byte_fallback']}, {len(errors)} bad records skipped, "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.action == "train":
+        return _train(args)
+
+    from ..tokenizer import Tokenizer, model_settings
+
+    try:
+        tok = Tokenizer(_model_path(args.model))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"llamalab tokenizer: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "encode":
+        text = args.text if args.text is not None else sys.stdin.read()
+        ids = tok.encode(text, bos=not args.no_bos)
+        if args.json:
+            print(json.dumps(ids))
+        else:
+            print(f"{len(ids)} tokens")
+            for i in ids:
+                print(f"{i}\t{tok.id_to_piece(i)!r}")
+    elif args.action == "decode":
+        if any(not 0 <= i < tok.vocab_size for i in args.ids):
+            print(f"llamalab tokenizer: ids must be in [0, {tok.vocab_size})", file=sys.stderr)
+            return 2
+        print(tok.decode(args.ids))
+    else:
+        print(json.dumps({"path": str(tok.path), **tok.special_ids(), **model_settings(tok.path)}, indent=2))
+    return 0
