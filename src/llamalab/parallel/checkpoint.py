@@ -36,10 +36,10 @@ def state_module(parts: list[nn.Module]) -> nn.Module:
 
 def _model_prefix(keys: list[str]) -> str:
     """The prefix under which a training checkpoint stores the model (``"model."`` or none)."""
-    for key in keys:
-        if key.endswith("tok_embeddings.weight"):
-            return key[: -len("tok_embeddings.weight")]
-    raise ValueError("no 'tok_embeddings.weight' in the checkpoint: not a llamalab model checkpoint")
+    found = [key for key in keys if key.endswith("tok_embeddings.weight")]  # optimizer keys are longer
+    if not found:
+        raise ValueError("no 'tok_embeddings.weight' in the checkpoint: not a llamalab model checkpoint")
+    return min(found, key=len)[: -len("tok_embeddings.weight")]
 
 
 def read_model_state(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
