@@ -142,7 +142,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-            input_sentence_size=len(sentences), shuffle_input_sentence=False,
+            input_sentence_size=0, shuffle_input_sentence=False,  # sampled above
             num_threads=num_threads or min(os.cpu_count() or 1, 16), minloglevel=2, **settings,
         )
     except RuntimeError as exc:  # e.g. "Vocabulary size is smaller than required_chars. 300 vs 400."

@@ -112,6 +112,7 @@ def test_gutenberg_decoding(shared):
         caesar.read_bytes().decode("utf-8")
 
 
+@pytest.mark.slow
 def test_stackexchange_posts_match_the_published_threads(shared):
     """Posts.xml threads (question + answers by score) equal the dataset's own derived thread file."""
     folder = shared("raw", "stackexchange")

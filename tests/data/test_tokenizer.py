@@ -122,6 +122,12 @@ def test_trained_roundtrip_random_unicode(trained, text):
     assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
 
 
+def test_tiny_inputs_train(tmp_path):
+    """Fewer than 100 sentences (SentencePiece's minimum sample size) still trains."""
+    path = train_tokenizer([f"line {i} of a very small corpus" for i in range(50)], 300, tmp_path)
+    assert Tokenizer(path).decode(Tokenizer(path).encode("a small line 7")) == "a small line 7"
+
+
 def test_training_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="no training text"):
         train_tokenizer(["", "\n\n"], 300, tmp_path)
