@@ -384,7 +384,7 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(document lengths, all tokens) of a chunk: BOS + text + EOS per document."""
     docs = [_worker_tokenizer.encode(t, bos=True, eos=True) for t in texts]
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    return lengths, np.fromiter((i for d in docs for i in d), dtype=np.int64, count=int(lengths.sum()))
+    return lengths, np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
 
 
 def _chunks(spills: dict):
