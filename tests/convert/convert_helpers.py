@@ -12,8 +12,11 @@ RANDOM_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=
                         ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=20000.0, max_seq_len=128)
 
 
-def random_native(folder, shared_path, args: ModelArgs = RANDOM_ARGS, seed: int = 0):
-    """A native folder with random weights (norm gains too) and the 512-piece stories tokenizer."""
+def random_native(folder, shared_path, args: ModelArgs = RANDOM_ARGS, seed: int = 0, scale: float = 1.0):
+    """A native folder with random weights (norm gains too) and the 512-piece stories tokenizer.
+
+    ``scale`` multiplies the matrices: large values give peaked logits, so greedy decoding has clear winners.
+    """
     import torch
 
     model = build_model(args, seed=seed)
@@ -22,6 +25,8 @@ def random_native(folder, shared_path, args: ModelArgs = RANDOM_ARGS, seed: int 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.mul_(scale)
     tok = shared_path(*TOK512) if args.vocab_size == 512 else None
     return save_pretrained(folder, model.eval(), tokenizer_path=tok)
 
