@@ -14,6 +14,7 @@ from llamalab.data import prepare as prep
 from llamalab.data.loader import MixtureLoader, ValidationSet
 from llamalab.data.prepare import RecipeError, load_manifest, prepare
 from llamalab.data.shards import PreparedData
+from llamalab.tokenizer import Tokenizer
 
 WORDS = ("the a of to and in river stone light house garden quiet north winter letter count ship "
          "price seven 1789 market window said walked because however silver field").split()
@@ -216,3 +217,42 @@ def test_shakespeare_recipe_holds_out_the_last_tenth_by_characters(shared, tmp_p
     assert sp.decode(train[1:-1].tolist()) == text[:cut]
     assert sp.decode(val[1:-1].tolist()) == text[cut:]
     assert load_manifest(out)["vocab_size"] == 1024
+
+
+def test_builtin_corpus_ships_its_licenses_and_provenance():
+    import zstandard
+
+    from llamalab.data.prepare import default_recipe_path, load_recipe
+
+    recipe = load_recipe(default_recipe_path())
+    folder = default_recipe_path().parent
+    notice = (folder / "NOTICE.md").read_text()
+    for name in ("LICENSE.CC-BY-SA-4.0.txt", "LICENSE.CC-BY-SA-3.0.txt", "LICENSE.CPython.PSF.txt"):
+        assert (folder / name).stat().st_size > 10_000 and name in notice
+    assert [s.name for s in recipe.sources] == ["books", "wikipedia", "code", "stackexchange"]
+    assert recipe.tokenizer.vocab_size == 4096  # the demo preset's vocabulary
+    for spec in recipe.sources:
+        with zstandard.open(spec.paths[0], "rt", encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        assert first["text"] and first["id"]
+        if spec.name in ("wikipedia", "stackexchange"):  # CC BY-SA: every record links its original
+            assert first["url"].startswith("https://")
+
+
+@pytest.mark.slow
+def test_prepare_without_recipe_builds_the_builtin_corpus_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMALAB_CACHE", str(tmp_path))
+    out = prepare(None)
+    assert out == tmp_path / "data" / "default"
+    m = load_manifest(out)
+    assert m["vocab_size"] == 4096 and m["dtype"] == "<u2"
+    for name, s in m["sources"].items():
+        assert s["splits"]["train"]["tokens"] > 100_000 and s["splits"]["validation"]["tokens"] > 0, name
+    # Table 1 style: books and Wikipedia about two epochs, code and Q&A about one, within the token budget
+    assert all(1.7 < m["sources"][n]["epochs"] < 2.4 for n in ("books", "wikipedia"))
+    assert all(0.8 < m["sources"][n]["epochs"] < 1.3 for n in ("code", "stackexchange"))
+    stamp = (out / "COMPLETE").stat().st_mtime_ns
+    assert prepare(None) == out and (out / "COMPLETE").stat().st_mtime_ns == stamp
+    batch = next(MixtureLoader(out, batch_size=4, seq_len=256))
+    text = Tokenizer(out / "tokenizer.model").decode(batch[0].tolist())
+    assert len(text) > 400  # ~4 characters per token with a 4096-piece BPE on English
