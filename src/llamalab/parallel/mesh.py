@@ -53,9 +53,16 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, parallel, world_size: int) -> ParallelDims:
-        """From a config's ``[parallel]`` section (any object with the four attributes)."""
-        return cls(dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard, tp=parallel.tp,
-                   pp=parallel.pp, world_size=world_size)
+        """From a config's ``[parallel]`` section (any object with the four attributes).
+
+        When the degrees do not multiply to ``world_size`` and ``dp_shard`` is 1 (the default), ``dp_shard``
+        takes the rest: the default config runs FSDP over every rank ``torchrun`` starts.
+        """
+        dp_shard = parallel.dp_shard
+        if dp_shard == 1 and parallel.dp_replicate * parallel.tp * parallel.pp != world_size:
+            dp_shard = -1
+        return cls(dp_replicate=parallel.dp_replicate, dp_shard=dp_shard, tp=parallel.tp, pp=parallel.pp,
+                   world_size=world_size)
 
     @property
     def dp(self) -> int:

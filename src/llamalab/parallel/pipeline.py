@@ -70,6 +70,8 @@ class Pipeline:
     stage_ids: list[int]
     num_stages: int
     group: dist.ProcessGroup
+    microbatches: int
+    loss_scale: float = 1.0  # what the schedule's loss is multiplied by before its backward
 
     @property
     def has_first(self) -> bool:
@@ -79,18 +81,24 @@ class Pipeline:
     def has_last(self) -> bool:
         return self.num_stages - 1 in self.stage_ids
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over the whole local batch; returns the mean micro-batch loss on every rank
-        (gradients are averaged over micro-batches, as for one big batch)."""
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, accum: int = 1, train: bool = True) -> torch.Tensor:
+        """Forward (and backward) over the whole local batch; returns the mean micro-batch loss on every rank.
+
+        Gradients of ``mean loss / accum`` are added to what the parameters already hold, so ``accum`` calls
+        accumulate like one batch ``accum`` times larger. (The schedule's own ``scale_grads`` would divide
+        the earlier calls' gradients again, so the averaging is done in the loss instead.)
+        """
+        self.loss_scale = 1.0 / (self.microbatches * accum)
+        run = self.schedule.step if train else self.schedule.eval
         losses: list[torch.Tensor] = []
         if self.has_first:
-            self.schedule.step(inputs, target=targets if self.has_last else None, losses=losses)
+            run(inputs, target=targets if self.has_last else None, losses=losses)
         elif self.has_last:
-            self.schedule.step(target=targets, losses=losses)
+            run(target=targets, losses=losses)
         else:
-            self.schedule.step()
+            run()
         if self.has_last:
-            loss = torch.stack([_plain(loss).detach() for loss in losses]).mean().float()
+            loss = torch.stack([_plain(loss).detach() for loss in losses]).mean().float() / self.loss_scale
         else:
             loss = torch.zeros((), device=inputs.device)
         dist.all_reduce(loss, group=self.group)  # only the last stage contributes
@@ -111,6 +119,11 @@ def build_pipeline(model: nn.Module, pp_mesh: DeviceMesh, *, schedule: str, micr
     parts; further stages on the same rank are deep copies taken before stripping.
     """
     cls = schedule_class(schedule)
+    pipeline: Pipeline | None = None
+
+    def scaled_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, targets) * pipeline.loss_scale
+
     per_rank = stages_per_rank(schedule)
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     num_stages = pp_size * per_rank
@@ -127,8 +140,8 @@ def build_pipeline(model: nn.Module, pp_mesh: DeviceMesh, *, schedule: str, micr
             part = parallelize(part)
         parts.append(part)
         stages.append(PipelineStage(part, sid, num_stages, device, group=group))
-    if per_rank == 1:
-        sched = cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
-    else:
-        sched = cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
-    return Pipeline(schedule=sched, parts=parts, stage_ids=stage_ids, num_stages=num_stages, group=group)
+    sched = cls(stages[0] if per_rank == 1 else stages, n_microbatches=microbatches, loss_fn=scaled_loss,
+                scale_grads=False)
+    pipeline = Pipeline(schedule=sched, parts=parts, stage_ids=stage_ids, num_stages=num_stages, group=group,
+                        microbatches=microbatches)
+    return pipeline

@@ -38,7 +38,6 @@ class ParallelRun:
     autocast: Callable[[], contextlib.AbstractContextManager]
     pipeline: Pipeline | None = None
     mesh: object | None = None
-    pipeline_loss_scale: dict | None = None  # the schedule calls loss_fn itself: gradient accumulation scales it
 
     @classmethod
     def setup(cls, model: nn.Module, dims: ParallelDims, mesh, *, device: torch.device, loss_fn: LossFn,
@@ -54,69 +53,65 @@ class ParallelRun:
             return parallelize_model(m, mesh, dims, ac_mode=ac_mode, compile=compile,
                                      mixed_precision=precision if dims.fsdp_enabled else None)
 
-        pipeline, scale = None, {"value": 1.0}
+        pipeline = None
         if dims.pp_enabled:
             microbatches = max(pp_microbatches, dims.pp)  # fewer micro-batches than stages only idles them
-
-            def scaled_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-                return loss_fn(logits, targets) * scale["value"]
-
             pipeline = build_pipeline(model, mesh["pp"], schedule=pp_schedule, microbatches=microbatches,
-                                      loss_fn=scaled_loss, device=device, parallelize=parallelize)
+                                      loss_fn=loss_fn, device=device, parallelize=parallelize)
             parts = pipeline.parts
         else:
             parts = [parallelize(model)]
         return cls(dims=dims, parts=parts, module=state_module(parts), loss_fn=loss_fn, autocast=autocast,
-                   pipeline=pipeline, mesh=mesh, pipeline_loss_scale=scale)
+                   pipeline=pipeline, mesh=mesh)
 
-    def forward_backward(self, batch: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Loss of one micro-batch (``batch`` holds inputs and shifted targets); gradients of ``scale * loss``
-        are accumulated. Returns the detached mean loss as a plain tensor, the same on every rank of a
+    def forward_backward(self, batch: torch.Tensor, accum: int = 1) -> torch.Tensor:
+        """Loss of one micro-batch (``batch`` holds inputs and shifted targets); accumulates the gradients of
+        ``loss / accum``. Returns the detached mean loss as a plain fp32 tensor, the same on every rank of a
         tensor- or pipeline-parallel group."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        with loss_parallel_context(self.dims), self.autocast():
+        with loss_parallel_context(self.dims):
             if self.pipeline is not None:
-                self.pipeline_loss_scale["value"] = scale
-                return self.pipeline.step(inputs, targets) / scale
-            loss = self.loss_fn(self.parts[0](inputs), targets)
-            (loss * scale).backward()
+                with self.autocast():
+                    return self.pipeline.step(inputs, targets, accum)
+            with self.autocast():
+                logits = self.parts[0](inputs)
+            loss = self.loss_fn(logits, targets)
+            (loss / accum).backward()
         return _plain(loss.detach()).float()
 
     @torch.no_grad()
     def eval_loss_sum(self, batch: torch.Tensor) -> tuple[float, int]:
         """(summed loss, token count) of a held-out batch; (0, 0) on ranks that hold no loss (pipeline)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        with loss_parallel_context(self.dims), self.autocast():
+        with loss_parallel_context(self.dims):
             if self.pipeline is not None:
-                losses: list[torch.Tensor] = []
-                p = self.pipeline
-                self.pipeline_loss_scale["value"] = 1.0
-                if p.has_first:
-                    p.schedule.eval(inputs, target=targets if p.has_last else None, losses=losses)
-                elif p.has_last:
-                    p.schedule.eval(target=targets, losses=losses)
-                else:
-                    p.schedule.eval()
-                if not p.has_last:
+                with self.autocast():
+                    loss = self.pipeline.step(inputs, targets, train=False)  # the same on every pipeline rank
+                # count the tokens once per data-parallel group: on the last stage only
+                if not self.pipeline.has_last:
                     return 0.0, 0
-                mean = torch.stack([_plain(x).float() for x in losses]).mean().item()
-                return mean * targets.numel(), targets.numel()
-            loss = self.loss_fn(self.parts[0](inputs), targets)
+                return loss.item() * targets.numel(), targets.numel()
+            with self.autocast():
+                logits = self.parts[0](inputs)
+            loss = self.loss_fn(logits, targets)
         return _plain(loss).float().item() * targets.numel(), targets.numel()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm of all gradients (over shards, tensor slices and pipeline stages), clipped to
         ``max_norm`` when it is > 0; returns the norm before clipping as a plain tensor."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        norm = _plain(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else torch.zeros(())
-        if self.pipeline is not None:
-            squared = norm.float() ** 2
-            dist.all_reduce(squared, group=self.pipeline.group)
-            norm = squared.sqrt()
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.pipeline is None:  # torch's own clipping handles DTensor gradients on one mesh
+            if max_norm > 0:
+                return _plain(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+            return _plain(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
+        norm = _plain(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)).float()
+        squared = norm**2
+        dist.all_reduce(squared, group=self.pipeline.group)  # each stage holds only its own parameters
+        norm = squared.sqrt()
         if max_norm > 0 and math.isfinite(norm.item()):
             coef = min(1.0, max_norm / (norm.item() + 1e-6))
-            for g in grads:
-                g.mul_(coef)
+            for p in params:
+                p.grad.mul_(coef)
         return norm
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:

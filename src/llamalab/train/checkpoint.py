@@ -187,6 +187,11 @@ def load_checkpoint(folder: Path, model, optimizer, *, rank: int = 0) -> tuple[d
     folder = Path(folder)
     verify_checkpoint(folder)
     rank_file = folder / f"rank-{rank}.json"
+    if not rank_file.is_file() and (folder / "rank-0.json").is_file():
+        # Resuming with more processes (another parallel layout): the loader state counts global batches and is
+        # the same on every rank, so rank 0's serves; so do its RNG states (nothing in training draws from them).
+        rank = 0
+        rank_file = folder / "rank-0.json"
     if not rank_file.is_file():
         raise CheckpointError(f"{folder}: no state for rank {rank} (saved with fewer processes?)")
     model_sd, optim_sd = get_state_dict(model, optimizer)

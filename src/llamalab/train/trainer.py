@@ -27,7 +27,7 @@ from ..model import ModelArgs, build_model
 from . import checkpoint as ckpt
 from .activation_checkpoint import apply_activation_checkpointing
 from .metrics import MetricsLog, measure_peak_flops, plot_loss_curve, training_flops_per_token
-from .optim import Schedule, build_optimizer, clip_grad_norm
+from .optim import Schedule, build_optimizer
 
 
 class TrainingDiverged(RuntimeError):
@@ -121,7 +121,9 @@ def prepare_data(cfg: Config, world: Distributed) -> Path:
 
 def batch_layout(cfg: Config, seq_len: int, world: Distributed) -> tuple[int, int, int]:
     """(data-parallel degree, gradient-accumulation steps, tokens per optimizer step)."""
-    dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
+    from ..parallel.mesh import ParallelDims
+
+    dp = ParallelDims.from_config(cfg.parallel, world.world_size).dp
     per_micro = cfg.batch.micro_batch * seq_len * dp
     accum = max(1, round(cfg.batch.global_tokens / per_micro))
     return dp, accum, accum * per_micro
@@ -135,22 +137,33 @@ def total_steps(cfg: Config, tokens_per_step: int) -> int:
     return 10**12  # time-bounded only
 
 
-def parallelize(model, cfg: Config, world: Distributed, device: torch.device):
-    """Apply the ``[parallel]`` layout (llamalab.parallel) when there are several ranks; else leave the model."""
-    if world.world_size == 1:
-        return model
-    raise ConfigError(f"world size {world.world_size}: multi-process training needs llamalab.parallel "
-                      "(parallelize_model), which is not wired into the trainer yet")
+def parallelize(model, cfg: Config, dims, mesh, device: torch.device):
+    """Apply the ``[parallel]`` layout (``llamalab.parallel``) to the fully initialised model; one process keeps
+    the model as it is. Returns the ``ParallelRun`` the loop trains through."""
+    from ..parallel.runtime import ParallelRun
+
+    return ParallelRun.setup(model, dims, mesh, device=device, loss_fn=cross_entropy_loss,
+                             autocast=lambda: autocast_context(cfg, device),
+                             ac_mode=cfg.activation_checkpoint.mode, compile=cfg.compile.enabled,
+                             precision=cfg.precision.mode, pp_schedule=cfg.parallel.pp_schedule,
+                             pp_microbatches=cfg.parallel.pp_microbatches)
 
 
 @torch.no_grad()
-def evaluate(model, validation, cfg: Config, device: torch.device) -> dict:
-    """Mean loss over the held-out batches; bits per byte and nats per byte from the set's bytes per token."""
+def evaluate(model, validation, cfg: Config, device: torch.device, run=None) -> dict:
+    """Mean loss over the held-out batches; bits per byte and nats per byte from the set's bytes per token.
+
+    Under a parallel layout ``run`` (a ``ParallelRun``) computes each batch's loss sum.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in validation.batches():
         batch = batch.to(device, non_blocking=True)
+        if run is not None and run.mesh is not None:
+            batch_total, batch_count = run.eval_loss_sum(batch)
+            total, count = total + batch_total, count + batch_count
+            continue
         with autocast_context(cfg, device):
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
@@ -196,7 +209,11 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
         raise ConfigError(f"data.seq_len: {seq_len} is longer than model.max_seq_len {args.max_seq_len}")
     dp, accum, step_tokens = batch_layout(cfg, seq_len, world)
     n_steps = total_steps(cfg, step_tokens)
-    dp_rank = world.rank % dp if world.world_size > 1 else 0
+    from ..parallel.mesh import ParallelDims
+
+    dims = ParallelDims.from_config(cfg.parallel, world.world_size)
+    mesh = dims.build_mesh(device.type) if world.world_size > 1 else None
+    dp_rank = dims.dp_rank()
 
     loader = MixtureLoader(data_dir, split="train", batch_size=cfg.batch.micro_batch, seq_len=seq_len,
                            seed=cfg.run.seed, rank=dp_rank, world_size=dp)
@@ -208,8 +225,9 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
         except ValueError as exc:
             _log(f"no validation: {exc}", world)
 
-    model = build_model(args, device=device, seed=cfg.run.seed)
-    model = parallelize(model, cfg, world, device)
+    model = build_model(args, device=device, seed=cfg.run.seed)  # the same full model on every rank
+    run = parallelize(model, cfg, dims, mesh, device)
+    model = run.module  # plain names over this rank's shards/stages: optimizer, checkpoints, clipping
     if world.world_size == 1:
         apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
         if cfg.compile.enabled:
@@ -296,15 +314,9 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
             loss_sum = torch.zeros((), device=device)
             for _ in range(accum):
                 batch = next(loader).to(device, non_blocking=True)
-                with autocast_context(cfg, device):
-                    logits = model(batch[:, :-1])
-                loss = cross_entropy_loss(logits, batch[:, 1:])
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            loss_sum /= accum
-            if dist.is_initialized():
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            grad_norm = clip_grad_norm(model, cfg.optimizer.grad_clip)
+                loss_sum += run.forward_backward(batch, accum)
+            loss_sum = run.mean_over_ranks(loss_sum / accum)
+            grad_norm = run.clip_grad_norm(cfg.optimizer.grad_clip)
             loss_value, norm_value = loss_sum.item(), float(grad_norm)
             finite = math.isfinite(loss_value) and math.isfinite(norm_value)
             if finite:
@@ -347,7 +359,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
             pause_start = time.perf_counter()
             if validation is not None and cfg.logging.val_every and step % cfg.logging.val_every == 0 \
                     and step < n_steps:
-                val_stats = evaluate(model, validation, cfg, device)
+                val_stats = evaluate(model, validation, cfg, device, run)
                 log.log({"split": "val", "step": step, "tokens": tokens, **val_stats})
                 if bar is not None:
                     bar.write(f"step {step}: validation loss {val_stats['loss']:.4f}, "
@@ -365,7 +377,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
     result = TrainResult(out_dir=out_dir, steps=step, tokens=tokens, train_loss=loss_value, skipped_steps=skipped,
                          train_seconds=train_seconds(), peak_flops=peak, checkpoint=last_ckpt, losses=losses)
     if validation is not None:
-        val_stats = evaluate(model, validation, cfg, device)
+        val_stats = evaluate(model, validation, cfg, device, run)
         log.log({"split": "val", "step": step, "tokens": tokens, **val_stats})
         result.val_loss, result.val_bpb = val_stats["loss"], val_stats["bpb"]
         result.val_loss_per_byte = val_stats["loss_per_byte"]
@@ -375,7 +387,12 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
         result.mfu = result.tokens_per_s * flops_per_token / (peak * world.world_size)
     log.close()
     if world.is_main:
-        if cfg.checkpoint.save_final:
+        if cfg.checkpoint.save_final and world.world_size > 1:  # gather the shards from the last checkpoint
+            from ..parallel.checkpoint import export_native
+
+            result.final_dir = export_native(last_ckpt / "dcp", out_dir / "final", args=args,
+                                             tokenizer_path=tokenizer_path if tokenizer_path.is_file() else None)
+        elif cfg.checkpoint.save_final:
             from ..checkpoint import save_pretrained
 
             result.final_dir = save_pretrained(out_dir / "final", model,
