@@ -107,3 +107,36 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
+
+
+def activation_bytes(forward) -> int:
+    """Bytes of tensors created by ``forward()`` that are still alive when it returns.
+
+    After a training forward pass these are the activations autograd keeps for the backward pass (what
+    activation checkpointing reduces); temporaries already freed do not count. Works on any device, including
+    CPU where there is no allocator statistic to read.
+    """
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    created: list = []
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    created.append(weakref.ref(t.untyped_storage()))
+            return out
+
+    with Track():
+        result = forward()
+    storages = {}
+    for ref in created:
+        storage = ref()
+        if storage is not None:
+            storages[storage.data_ptr()] = storage.nbytes()
+    del result
+    return sum(storages.values())
