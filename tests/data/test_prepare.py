@@ -129,7 +129,7 @@ def test_up_to_date_folder_is_reused_and_changes_rebuild(tmp_path, monkeypatch):
         prepare(recipe, tmp_path / "out", workers=1)
     # ... which failed: the old complete folder is untouched and nothing half-written is left beside it
     assert load_manifest(out)["created"] == created and (out / "COMPLETE").stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out", "recipe.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock") == ["a.jsonl", "out", "recipe.toml"]
     monkeypatch.undo()
     prepare(recipe, tmp_path / "out", workers=1)
     assert load_manifest(out)["sources"]["alpha"]["documents_read"] == 50
@@ -256,3 +256,27 @@ def test_prepare_without_recipe_builds_the_builtin_corpus_once(tmp_path, monkeyp
     batch = next(MixtureLoader(out, batch_size=4, seq_len=256))
     text = Tokenizer(out / "tokenizer.model").decode(batch[0].tolist())
     assert len(text) > 400  # ~4 characters per token with a 4096-piece BPE on English
+
+
+def test_concurrent_prepares_build_once(tmp_path, monkeypatch):
+    import threading
+
+    write_jsonl(tmp_path / "a.jsonl", documents(10, 30))
+    recipe = write_recipe(tmp_path, source("alpha", ["a.jsonl"], proportion=1))
+    builds = []
+    real = prep._build_prepared
+
+    def counted(*args):
+        builds.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(prep, "_build_prepared", counted)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(prepare(recipe, tmp_path / "out", workers=1)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [tmp_path / "out"] * 2 and len(builds) == 1
+    assert load_manifest(tmp_path / "out")["sources"]["alpha"]["documents_read"] == 30

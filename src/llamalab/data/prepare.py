@@ -45,6 +45,7 @@ A recipe is TOML; relative paths are relative to the recipe file (symlinks resol
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -541,11 +542,15 @@ def prepare(recipe_path: str | Path | None = None, output: str | Path | None = N
         recipe = load_recipe(recipe_path)
         out = Path(output) if output else output_dir(recipe)
     digest = recipe_hash(recipe)
-    if not force and is_prepared(out, digest):
-        log.info("%s is up to date for %s", out, recipe.path)
-        return out
-    log.info("preparing %s into %s with %d workers", recipe.path, out, workers)
-    atomic_write_dir(out, lambda tmp: _build_prepared(recipe, digest, Path(tmp), strict, workers))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per folder: a second process (another rank, a second terminal) waits, then finds it ready.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and is_prepared(out, digest):
+            log.info("%s is up to date for %s", out, recipe.path)
+            return out
+        log.info("preparing %s into %s with %d workers", recipe.path, out, workers)
+        atomic_write_dir(out, lambda tmp: _build_prepared(recipe, digest, Path(tmp), strict, workers))
     return out
 
 
