@@ -173,6 +173,9 @@ def test_recipe_errors_name_file_and_key(tmp_path):
     recipe = write_recipe(tmp_path, source("alpha", ["a.jsonl"]))
     with pytest.raises(RecipeError, match="exactly one of proportion, epochs"):
         prepare(recipe)
+    recipe = write_recipe(tmp_path, source("alpha", ["a.jsonl"], proportion=1, cleaner="wiki"))
+    with pytest.raises(RecipeError, match=r"#1 \(alpha\): cleaner must be one of .*wikipedia.*got 'wiki'"):
+        prepare(recipe)
 
 
 def test_epochs_fix_a_sources_share_of_the_token_budget(tmp_path):

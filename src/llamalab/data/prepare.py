@@ -170,6 +170,9 @@ def _check(cond: bool, where: str, message: str) -> None:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe; paths become absolute (relative to the recipe's real location)."""
+    from .cleaners import KINDS
+    from .readers import FORMATS
+
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -192,6 +195,14 @@ def load_recipe(path: str | Path) -> Recipe:
         spec = _build(SourceSpec, table, swhere)
         if isinstance(spec.paths, str):
             spec.paths = [spec.paths]
+        _check(isinstance(spec.paths, list) and spec.paths and all(isinstance(p, str) for p in spec.paths),
+               swhere, f"paths must be a list of file names or globs, got {spec.paths!r}")
+        _check(spec.format in FORMATS, swhere, f"format must be one of {', '.join(FORMATS)}, got {spec.format!r}")
+        _check(spec.cleaner in KINDS, swhere, f"cleaner must be one of {', '.join(KINDS)}, got {spec.cleaner!r}")
+        for key in ("proportion", "epochs", "val_fraction"):
+            value = getattr(spec, key)
+            _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), swhere,
+                   f"{key} must be a number, got {value!r}")
         spec.paths = [os.path.normpath(base / os.path.expanduser(p)) for p in spec.paths]
         _check(spec.split in ("hash", "tail"), swhere, f"split must be 'hash' or 'tail', got {spec.split!r}")
         _check((spec.proportion is None) != (spec.epochs is None), swhere, "give exactly one of proportion, epochs")
