@@ -10,27 +10,32 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+import zlib
 
 import numpy as np
 
 _WS = re.compile(r"\s+")
 _DIGIT = re.compile(r"\d")
+_PUNCT = re.compile(r"[^\w\s]|_")  # punctuation and symbols, any script
 
 
 def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def _nfkc(text: str) -> str:
+    return text if unicodedata.is_normalized("NFKC", text) else unicodedata.normalize("NFKC", text)
+
+
 def normalize_text(text: str) -> str:
     """Text as compared by exact dedup: Unicode NFKC, lower case, whitespace runs collapsed."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+    return " ".join(_nfkc(text).lower().split())
 
 
 def normalize_line(line: str) -> str:
-    """CCNet's line normalization: lower case, digits to 0, punctuation removed, whitespace collapsed."""
-    line = _DIGIT.sub("0", unicodedata.normalize("NFKC", line).lower())
-    line = "".join(c for c in line if not unicodedata.category(c).startswith("P"))
-    return _WS.sub(" ", line).strip()
+    """CCNet's line normalization: lower case, digits to 0, punctuation (and symbols) removed, whitespace
+    collapsed."""
+    return " ".join(_PUNCT.sub("", _DIGIT.sub("0", _nfkc(line).lower())).split())
 
 
 class ExactDedup:
@@ -75,7 +80,7 @@ class LineDedup:
 
 def shingles(text: str, ngram: int) -> list[bytes]:
     """Word ``ngram``-grams of the normalized text (the whole text when it is shorter)."""
-    words = normalize_line(text).split()
+    words = normalize_line(text).split()  # one pass over the whole text
     if len(words) <= ngram:
         return [" ".join(words).encode()]
     return [" ".join(words[i: i + ngram]).encode() for i in range(len(words) - ngram + 1)]
@@ -92,13 +97,19 @@ class NearDedup:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.ngram, self.seed = threshold, num_perm, ngram, seed
+        from datasketch import MinHash
+
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.signatures: dict[str, np.ndarray] = {}
+        # drawing the permutations is most of a MinHash's cost: draw them once and share them
+        template = MinHash(num_perm=num_perm, seed=seed)
+        self._permutations, self._scheme = template.permutations, template.scheme
 
     def minhash(self, text: str):
         from datasketch import MinHash
 
-        m = MinHash(num_perm=self.num_perm, seed=self.seed)
+        m = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=self._permutations,
+                    scheme=self._scheme, hashfunc=zlib.crc32)  # crc32: a 32-bit hash much cheaper than sha1
         m.update_batch(shingles(text, self.ngram))
         return m
 
