@@ -10,6 +10,10 @@ _BLOCK_TAGS = {
     "pre", "dl", "dt", "dd", "section", "article", "header", "footer", "figure", "figcaption",
 }
 _SKIP_TAGS = {"script", "style", "head", "noscript", "template"}
+_HTML_SPACE = re.compile(r"[ \t\r\n]+")
+_FENCED = re.compile(r"(```\n.*?```)", re.S)
+_LINE_EDGE_SPACE = re.compile(r"[ \t]*\n[ \t]*")
+_BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 class _TextExtractor(HTMLParser):
@@ -52,7 +56,7 @@ class _TextExtractor(HTMLParser):
         if self.skip_depth:
             return
         if not self.pre_depth:  # HTML collapses source whitespace outside <pre>
-            data = re.sub(r"[ \t\r\n]+", " ", data)
+            data = _HTML_SPACE.sub(" ", data)
         self.parts.append(data)
 
 
@@ -64,12 +68,10 @@ def html_to_text(html: str) -> str:
     parser.close()
     text = "".join(parser.parts)
     # Tidy outside code fences only: strip line-edge spaces, at most one blank line in a row.
-    chunks = re.split(r"(```\n.*?```)", text, flags=re.S)
+    chunks = _FENCED.split(text)
     for i in range(0, len(chunks), 2):
-        chunk = re.sub(r"[ \t]*\n[ \t]*", "\n", chunks[i])
-        chunks[i] = re.sub(r"\n{3,}", "\n\n", chunk)
-    text = "".join(chunks)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+        chunks[i] = _BLANK_RUNS.sub("\n\n", _LINE_EDGE_SPACE.sub("\n", chunks[i]))
+    return _BLANK_RUNS.sub("\n\n", "".join(chunks)).strip()
 
 
 def answer_order(answers: list[dict]) -> list[dict]:
