@@ -14,7 +14,6 @@ per-row ``torch.Generator`` (seeded with ``seed``), so sampled tokens do not dep
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -98,16 +97,8 @@ class Decoder:
 
     def _compile(self, fn):
         if self.device.type == "cuda":
-            return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        return torch.compile(fn, fullgraph=True, dynamic=False)
-
-    def _context(self):
-        """Inductor freezing (weights folded in as constants) is what makes a compiled CPU step pay."""
-        if not self.compiled:
-            return contextlib.nullcontext()
-        import torch._inductor.config as inductor_config
-
-        return inductor_config.patch(freezing=True)
+            return _CompiledStep(torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False))
+        return _CompiledStep(torch.compile(fn, fullgraph=True, dynamic=False))
 
     def reset(self) -> None:
         for cache in self.caches:
@@ -170,12 +161,36 @@ class Decoder:
             ended = [e or tok in eos for e, tok in zip(ended, out)]
             if all(ended) or t == max_new_tokens - 1:
                 return
-            with torch.inference_mode(), self._context():
+            with torch.inference_mode():
                 if greedy:
                     nxt = self._greedy_step(nxt[:, None], pos)
                 else:
                     logits = self._step(nxt[:, None], pos)
                 pos = pos + 1
+
+
+class _CompiledStep:
+    """A compiled step whose first call (the one that compiles) runs under the compile settings.
+
+    Inductor freezing (weights folded in as constants) is what makes a compiled CPU step pay. Every Decoder
+    compiles the same function for its own caches and weights, so dynamo may keep more than its default 8
+    versions of it. Later calls skip the settings: they cost time on every token.
+    """
+
+    def __init__(self, fn):
+        self.fn, self.warm = fn, False
+
+    def __call__(self, *args):
+        if self.warm:
+            return self.fn(*args)
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True), \
+                dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
+            out = self.fn(*args)
+        self.warm = True
+        return out
 
 
 def _generators(seed, batch: int, device) -> list[torch.Generator]:

@@ -30,7 +30,7 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return Tokenizer(path)
 
 
-def tiny_args(vocab_size: int = 320, **overrides) -> ModelArgs:
+def make_tiny_args(vocab_size: int = 320, **overrides) -> ModelArgs:
     fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=32,
                   norm_eps=1e-5, max_seq_len=128)
     fields.update(overrides)
@@ -40,7 +40,13 @@ def tiny_args(vocab_size: int = 320, **overrides) -> ModelArgs:
 @pytest.fixture(scope="session")
 def model():
     """Grouped-query attention, random weights (seeded), fp32, the tokenizer's vocabulary."""
-    return build_model(tiny_args(), seed=0).eval()
+    return build_model(make_tiny_args(), seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_args():
+    """The tiny model's ModelArgs with some fields replaced."""
+    return make_tiny_args
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,222 @@
+"""Batch-1 greedy decode speed: llamalab against transformers' ``generate`` and llama.cpp, on the same weights.
+
+Every engine decodes the same random model (seeded): transformers gets the Hugging Face copy of the weights
+(``meta_to_hf_state``), llama.cpp (``llama-cpp-python``) reads llamalab's own GGUF export. The variants run
+round-robin, ``--repeats`` times each, and the table shows the median tokens/s and the ratio of each llamalab
+variant to its peer measured in the same run:
+
+    fp32 (compiled) vs llama.cpp f32 and transformers fp32
+    bf16 (compiled) vs llama.cpp f16 and transformers bf16
+    int8 weight-only (compiled, bf16 activations) vs llama.cpp q8_0
+
+Run:   .venv/bin/python bench/decode.py                 (stories15m and small, 256 new tokens, 2 threads)
+Smoke: .venv/bin/python bench/decode.py --quick
+Batch: .venv/bin/python bench/decode.py --batch-sizes 1,8,32   (llamalab tokens/s over all rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+
+import torch  # noqa: E402
+
+from llamalab.checkpoint import save_pretrained  # noqa: E402
+from llamalab.generate import generate_tokens  # noqa: E402
+from llamalab.model import build_model  # noqa: E402
+from llamalab.model.args import preset_args  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA_TOKENIZER = Path(os.environ.get("LLAMALAB_SHARED_DATA", REPO.parent / "shared" / "data")) / \
+    "tokenizers" / "llama" / "tokenizer.model"
+PROMPT = [1, 450, 4996, 17354, 1701, 29916]  # BOS + a few ordinary ids, valid in any 32000 vocabulary
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Engine:
+    """A named way to greedily decode ``n`` tokens after PROMPT; ``run`` returns the new token ids."""
+
+    def __init__(self, name: str, peer_of: str | None = None):
+        self.name, self.peer_of = name, peer_of
+
+    def run(self, n: int) -> list[int]:
+        raise NotImplementedError
+
+
+class Llamalab(Engine):
+    def __init__(self, name, model, compile: bool, batch: int = 1):
+        super().__init__(name)
+        self.model, self.compile, self.batch = model, compile, batch
+
+    def run(self, n):
+        return generate_tokens(self.model, [PROMPT] * self.batch, max_new_tokens=n, compile=self.compile)[0]
+
+
+class Transformers(Engine):
+    def __init__(self, name, model, dtype):
+        import transformers
+
+        from llamalab.convert.hf import hf_config, meta_to_hf_state
+
+        super().__init__(name)
+        cfg = {k: v for k, v in hf_config(model.args).items() if k != "architectures"}
+        self.hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+        state = {k: v.float() for k, v in model.state_dict().items() if not k.startswith("rope_")}
+        self.hf.load_state_dict(meta_to_hf_state(state, model.args), strict=True)
+        self.hf.to(dtype)
+
+    def run(self, n):
+        ids = torch.tensor([PROMPT])
+        with torch.no_grad():
+            out = self.hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                                   pad_token_id=0, eos_token_id=None)
+        return out[0, len(PROMPT):].tolist()
+
+
+class LlamaCpp(Engine):
+    def __init__(self, name, gguf_path: Path, threads: int, n_ctx: int):
+        import llama_cpp
+        import numpy as np
+
+        super().__init__(name)
+        self.np, self.llama_cpp = np, llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=n_ctx, n_batch=64, logits_all=False, verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def run(self, n):
+        llm, np = self.llm, self.np
+        llm.reset()
+        llm.eval(PROMPT)
+        out = []
+        for _ in range(n):
+            logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(self.vocab,))
+            tok = int(logits.argmax())
+            out.append(tok)
+            llm.eval([tok])
+        return out
+
+
+def random_checkpoint(shape: str, folder: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    args = preset_args(shape)
+    model = build_model(args, seed=seed).eval()
+    tokenizer = LLAMA_TOKENIZER if LLAMA_TOKENIZER.is_file() and args.vocab_size == 32000 else None
+    path = save_pretrained(folder / shape, model, tokenizer_path=tokenizer)
+    return model, path
+
+
+def make_engines(shape: str, model, ckpt: Path, tmp: Path, wanted: set[str], threads: int, n_ctx: int):
+    from llamalab.inference.quantize import quantize_int8
+
+    engines = []
+
+    def copy(dtype):
+        m = build_model(model.args, init=False).eval()
+        m.load_state_dict(model.state_dict())
+        return m.to(dtype)
+
+    if "llamalab" in wanted:
+        engines += [Llamalab("llamalab fp32", copy(torch.float32), compile=True),
+                    Llamalab("llamalab bf16", copy(torch.bfloat16), compile=True),
+                    Llamalab("llamalab int8", quantize_int8(copy(torch.bfloat16)), compile=True)]
+    if "transformers" in wanted:
+        engines += [Transformers("transformers fp32", model, torch.float32),
+                    Transformers("transformers bf16", model, torch.bfloat16)]
+    if "llamacpp" in wanted:
+        try:
+            import llama_cpp  # noqa: F401
+
+            from llamalab.convert.gguf import export_gguf
+        except ImportError as exc:
+            print(f"[{shape}] llama.cpp skipped: {exc}", file=sys.stderr)
+        else:
+            for kind in ("f32", "f16", "q8_0"):
+                path = tmp / f"{shape}-{kind}.gguf"
+                export_gguf(ckpt, path, dtype=kind)
+                engines.append(LlamaCpp(f"llama.cpp {kind}", path, threads, n_ctx))
+    return engines
+
+
+PEERS = {  # llamalab variant -> the peers it is compared with
+    "llamalab fp32": ["llama.cpp f32", "transformers fp32"],
+    "llamalab bf16": ["llama.cpp f16", "transformers bf16"],
+    "llamalab int8": ["llama.cpp q8_0", "transformers bf16"],
+}
+
+
+def bench_shape(shape: str, opts, tmp: Path) -> None:
+    model, ckpt = random_checkpoint(shape, tmp)
+    engines = make_engines(shape, model, ckpt, tmp, set(opts.engines.split(",")), opts.threads,
+                           n_ctx=len(PROMPT) + opts.new_tokens + 8)
+    print(f"\n## {shape} (dim {model.args.dim}, {model.args.n_layers} layers, vocab {model.args.vocab_size}): "
+          f"batch 1, greedy, {opts.new_tokens} new tokens, {opts.threads} threads, median of {opts.repeats}")
+    for e in engines:  # warm-up: compiles, fills caches, and checks each engine decodes the requested length
+        t = time.perf_counter()
+        out = e.run(opts.new_tokens)
+        assert len(out) == opts.new_tokens, (e.name, len(out))
+        print(f"  warm-up {e.name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    times: dict[str, list[float]] = {e.name: [] for e in engines}
+    for _ in range(opts.repeats):  # alternate the variants so load changes hit them all alike
+        for e in engines:
+            t = time.perf_counter()
+            e.run(opts.new_tokens)
+            times[e.name].append(time.perf_counter() - t)
+    speed = {name: opts.new_tokens / statistics.median(ts) for name, ts in times.items()}
+    print(f"{'engine':<20} {'tok/s':>8}  ratios")
+    for name, tps in speed.items():
+        ratios = [f"{tps / speed[p]:.2f}x {p}" for p in PEERS.get(name, []) if p in speed]
+        print(f"{name:<20} {tps:8.1f}  {', '.join(ratios)}")
+
+
+def bench_batches(shape: str, opts, tmp: Path) -> None:
+    model, _ = random_checkpoint(shape, tmp)
+    sizes = [int(b) for b in opts.batch_sizes.split(",")]
+    print(f"\n## {shape}: llamalab batched greedy decode, {opts.new_tokens} new tokens per row, median of {opts.repeats}")
+    print(f"{'dtype':<6} {'batch':>5} {'tok/s (all rows)':>17}")
+    for dtype in ("bf16", "fp32"):
+        m = model.to(DTYPES[dtype])
+        engines = [Llamalab(f"b{b}", m, compile=True, batch=b) for b in sizes]
+        for e in engines:
+            e.run(opts.new_tokens)
+        times = {e.name: [] for e in engines}
+        for _ in range(opts.repeats):
+            for e in engines:
+                t = time.perf_counter()
+                e.run(opts.new_tokens)
+                times[e.name].append(time.perf_counter() - t)
+        for b, e in zip(sizes, engines):
+            print(f"{dtype:<6} {b:>5} {b * opts.new_tokens / statistics.median(times[e.name]):17.1f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="stories15m,small")
+    p.add_argument("--engines", default="llamalab,transformers,llamacpp")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-sizes", default=None, help="e.g. 1,8,32: llamalab batched throughput instead")
+    p.add_argument("--quick", action="store_true", help="smoke run: stories15m, 32 tokens, 2 repeats")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.shapes, opts.new_tokens, opts.repeats = "stories15m", 32, 2
+    torch.set_num_threads(opts.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in opts.shapes.split(","):
+            if opts.batch_sizes:
+                bench_batches(shape, opts, Path(tmp))
+            else:
+                bench_shape(shape, opts, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
