@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..convert.detect import FORMATS, detect_format
+from ..convert.hf import DEFAULT_MAX_SHARD_SIZE
 
 DTYPE_HELP = ("native/hf/meta: f32, f16 or bf16 (default: as stored); gguf: f32, f16 or q8_0 (default f32); "
               "llama2c: f32 only")
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src_format", choices=FORMATS, help="source format (default: detected)")
     p.add_argument("--dtype", help=DTYPE_HELP)
     p.add_argument("--shards", type=int, default=1, help="meta: number of model-parallel files (default 1)")
-    p.add_argument("--max-shard-size", default="5GB", help="hf: split model.safetensors above this (default 5GB)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help=f"hf: split model.safetensors above this (default {DEFAULT_MAX_SHARD_SIZE})")
     p.add_argument("--tokenizer", help="llama2c/meta source: tok*.bin or SentencePiece .model (default: beside it)")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="meta source: context length to record (params.json has none; default 2048)")

@@ -179,7 +179,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> tuple[ModelAr
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
