@@ -129,7 +129,8 @@ The '''lion''' (''Panthera leo'') is a large [[Felidae|cat]] of the genus [[Pant
 It lives in [[Africa]]n grasslands<ref name="a" /> and [[India|western India]].[[File:Lion.jpg|thumb|A [[lion]] resting]]
 
 == Behaviour ==
-Lions are [http://example.org social animals] that live in prides.<!-- hidden comment -->
+Lions are [http://example.org social animals] that live in prides.<!-- hidden comment --><br />
+A pride's range is {{convert|20|km2|sqmi}} or more; in French, {{lang|fr|lion}}.
 {| class="wikitable"
 |-
 | row || cell
@@ -147,7 +148,8 @@ def test_wikitext_markup_is_stripped():
         "The lion (Panthera leo) is a large cat of the genus Panthera.\n"
         "It lives in African grasslands and western India.\n\n"
         "Behaviour\n"
-        "Lions are social animals that live in prides.\n\n"
+        "Lions are social animals that live in prides.\n"
+        "A pride's range is 20 km2 or more; in French, lion.\n\n"
         "Prides have up to 20 members."
     )
 
@@ -170,6 +172,8 @@ LATEX = r"""\documentclass{article}
 \def\eps{\varepsilon}
 \def\pair#1#2{\langle #1, #2 \rangle}
 \newcommand*\both{\norm{\eps}}
+\DeclareMathOperator{\Tr}{Tr}
+\providecommand{\half}{\frac{1}{2}}
 \title{A paper}
 \begin{document}
 \maketitle
@@ -178,6 +182,7 @@ LATEX = r"""\documentclass{article}
 % a full-line comment
 Let $x \in \R$ and $\norm{x} < \eps$. % trailing comment
 A 50\% share of $\pair{a}{b}$ and $\vec{x}$ or $\vec[m]{y}$; also $\both$.
+$\Tr A = \half$, $\Tr\R$.
 \section*{Results}
 See \cite{k}.
 \bibliographystyle{plain}
@@ -197,6 +202,7 @@ def test_latex_cleaning_and_macro_expansion():
         "Let $x \\in \\mathbb{R}$ and $\\left\\lVert x \\right\\rVert < \\varepsilon$.\n"
         "A 50\\% share of $\\langle a, b \\rangle$ and $(x_1, \\dots, x_n)$ or $(y_1, \\dots, y_m)$; "
         "also $\\left\\lVert \\varepsilon \\right\\rVert$.\n"
+        "$\\operatorname{Tr} A = \\frac{1}{2}$, $\\operatorname{Tr}\\mathbb{R}$.\n"
         "\\section*{Results}\n"
         "See \\cite{k}."
     )

@@ -287,13 +287,30 @@ def _render_link(inner: str) -> str:
     return target.lstrip(":").split("#")[0] if not target.startswith("#") else target[1:]
 
 
+_TEXT_TEMPLATES = {"lang", "nowrap", "nobr", "small", "big", "smallcaps", "transl", "ill", "noitalic", "nihongo"}
+
+
+def _render_template(inner: str) -> str:
+    """Inline templates that carry running text keep it ({{lang|fr|bonjour}} -> bonjour, {{convert|5|km}}
+    -> 5 km); every other template (infoboxes, citations, navigation) is dropped."""
+    name, *args = [a.strip() for a in inner.split("|")]
+    name = name.lower().replace("_", " ")
+    positional = [a for a in args if "=" not in a]
+    if name in ("convert", "cvt") and len(positional) >= 2:
+        return f"{positional[0]} {positional[1]}"
+    if name in _TEXT_TEMPLATES and positional:
+        return positional[0] if name in ("ill", "nihongo") else positional[-1]
+    return ""
+
+
 def strip_wikitext(text: str) -> str:
     """Plain text of a wikitext article; plain text passes through unchanged."""
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
     text = _TAG_WITH_BODY.sub("", text)
     text = _SELF_CLOSING_TAG.sub("", text)
+    text = re.sub(r"<br\s*/?>\n?", "\n", text, flags=re.I)
     text = _strip_nested(text, "{|", "|}")  # tables
-    text = _strip_nested(text, "{{", "}}")  # templates (infoboxes, citations), nested
+    text = _strip_nested(text, "{{", "}}", keep=_render_template)  # templates, innermost first
     text = _strip_nested(text, "[[", "]]", keep=_render_link)
     text = re.sub(r"\[(?:https?:)?//[^\s\]]+\s+([^\]]+)\]", r"\1", text)  # [http://x label] -> label
     text = re.sub(r"\[(?:https?:)?//[^\s\]]+\]", "", text)
@@ -374,8 +391,10 @@ class BooksCleaner:
 # --------------------------------------------------------------------------------------------- arxiv
 
 _DEFINITION = re.compile(
-    r"\\(?:re)?newcommand\*?\s*(?:\{\s*(\\[a-zA-Z@]+)\s*\}|(\\[a-zA-Z@]+))\s*(?:\[(\d)\])?\s*(?:\[([^\]]*)\])?\s*\{"
-    r"|\\def\s*(\\[a-zA-Z@]+)\s*((?:#\d)*)\s*\{"
+    r"\\(?:renew|provide|new)command\*?\s*(?:\{\s*(?P<name>\\[a-zA-Z@]+)\s*\}|(?P<bare>\\[a-zA-Z@]+))"
+    r"\s*(?:\[(?P<nargs>\d)\])?\s*(?:\[(?P<default>[^\]]*)\])?\s*\{"
+    r"|\\def\s*(?P<defname>\\[a-zA-Z@]+)\s*(?P<params>(?:#\d)*)\s*\{"
+    r"|\\DeclareMathOperator(?P<star>\*?)\s*(?:\{\s*(?P<opname>\\[a-zA-Z@]+)\s*\}|(?P<opbare>\\[a-zA-Z@]+))\s*\{"
 )
 _BIBLIOGRAPHY = re.compile(
     r"\\begin\{thebibliography\}.*?(?:\\end\{thebibliography\}|\Z)|\\bibliography\{[^}]*\}|\\printbibliography"
@@ -416,7 +435,9 @@ def strip_latex_comments(text: str) -> str:
 
 
 def extract_macros(text: str) -> tuple[dict[str, tuple[int, str | None, str]], str]:
-    """User macros ``{name: (n_args, default_first_arg, body)}`` and the text with the definitions removed."""
+    """User macros ``{name: (n_args, default_first_arg, body)}`` defined by ``\\newcommand``,
+    ``\\renewcommand``, ``\\providecommand``, ``\\def`` or ``\\DeclareMathOperator``, and the text with the
+    definitions removed."""
     macros: dict[str, tuple[int, str | None, str]] = {}
     out, pos = [], 0
     for m in _DEFINITION.finditer(text):
@@ -424,11 +445,14 @@ def extract_macros(text: str) -> tuple[dict[str, tuple[int, str | None, str]], s
             continue  # inside a definition already consumed
         end = _balanced(text, m.end() - 1)
         body = text[m.end(): end - 1]
-        if m.group(5):  # \def\name#1#2{...}
-            name, nargs, default = m.group(5), m.group(6).count("#"), None
+        if m.group("defname"):  # \def\name#1#2{...}
+            name, nargs, default = m.group("defname"), m.group("params").count("#"), None
+        elif m.group("opname") or m.group("opbare"):  # \DeclareMathOperator{\Tr}{Tr}
+            name, nargs, default = m.group("opname") or m.group("opbare"), 0, None
+            body = f"\\operatorname{m.group('star')}{{{body}}}"
         else:
-            name = m.group(1) or m.group(2)
-            nargs, default = int(m.group(3) or 0), m.group(4)
+            name = m.group("name") or m.group("bare")
+            nargs, default = int(m.group("nargs") or 0), m.group("default")
         macros[name] = (nargs, default, body)
         out.append(text[pos: m.start()])
         pos = end
