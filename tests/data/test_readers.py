@@ -155,3 +155,16 @@ def test_stackexchange_answers_sorted_and_html_stripped(tmp_path):
         "Answer:\nhigh bold\n\nAnswer:\n- one\n- two\n\nAnswer:\nlow"
     )
     assert docs[1].meta["tags"] == ["a", "b"] and docs[1].meta["answers"][0]["accepted"] is True
+
+
+def test_readers_stream_lazily(tmp_path):
+    """Documents come out before the rest of the file is read: a bad last line only fails when reached."""
+    path = tmp_path / "big.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(_jsonl_bytes({"text": f"doc {i}"} for i in range(20000)))
+        f.write(b"not json\n")
+    docs = read_documents([str(path)], "jsonl", source="s", strict=True)
+    assert next(docs).text == "doc 0" and next(docs).text == "doc 1"
+    with pytest.raises(BadRecord, match=r"big.jsonl.gz:20001: malformed JSON"):
+        for _ in docs:
+            pass
