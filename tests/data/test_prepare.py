@@ -123,6 +123,7 @@ def test_up_to_date_folder_is_reused_and_changes_rebuild(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("worker died")
 
+    (tmp_path / ".out.tmp-killed" / "train").mkdir(parents=True)  # what a killed build leaves behind
     write_jsonl(tmp_path / "a.jsonl", documents(4, 50))  # inputs changed: a rebuild is due ...
     monkeypatch.setattr(prep, "_tokenize", boom)
     with pytest.raises(RuntimeError, match="worker died"):

@@ -560,6 +560,8 @@ def prepare(recipe_path: str | Path | None = None, output: str | Path | None = N
         if not force and is_prepared(out, digest):
             log.info("%s is up to date for %s", out, recipe.path)
             return out
+        for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock, so not in use
         log.info("preparing %s into %s with %d workers", recipe.path, out, workers)
         atomic_write_dir(out, lambda tmp: _build_prepared(recipe, digest, Path(tmp), strict, workers))
     return out
