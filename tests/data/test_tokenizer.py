@@ -149,10 +149,12 @@ def test_cli_train_encode_info(tmp_path, capsys, shared):
     captured = capsys.readouterr()
     assert rc == 2 and "source0" in captured.err and "has no text" in captured.err  # the book is not JSONL
     rc = tokenizer_cli(["train", "--input", str(code), "--format", "jsonl", "--text-field", "content",
-                        "--vocab-size", "300", "--output", str(out), "--max-sentences", "3000"])
+                        "--input", f"gutenberg:{books}", "--vocab-size", "400", "--output", str(out),
+                        "--max-sentences", "3000"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "source0: 600 sentences" in captured.out and "1 bad records skipped" in captured.out
+    assert "source1: 1500 sentences" in captured.out  # the book, capped at half the budget
     assert f"{code}:301: malformed JSON" in captured.err
     assert tokenizer_cli(["encode", "--model", str(out), "--json", "--no-bos", "x = 42"]) == 0
     ids = json.loads(capsys.readouterr().out)
@@ -160,5 +162,5 @@ def test_cli_train_encode_info(tmp_path, capsys, shared):
     assert ids == tok.encode("x = 42", bos=False) and tok.decode(ids) == "x = 42"
     assert tokenizer_cli(["info", "--model", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["split_digits"] and info["byte_fallback"] and info["vocab_size"] == 300
+    assert info["split_digits"] and info["byte_fallback"] and info["vocab_size"] == 400
     assert tokenizer_cli(["info", "--model", str(tmp_path / "missing")]) == 2

@@ -15,7 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a SentencePiece BPE model with LLaMA's trainer settings")
     t.add_argument("--input", nargs="+", action="append", required=True, metavar="FILE_OR_GLOB",
                    help="input files or globs; repeat --input for several sources: each source gets an equal "
-                        "share of the sentence budget, so every one is represented")
+                        "share of the sentence budget, so every one is represented. A FORMAT: prefix on the "
+                        "first path (jsonl:a.jsonl.gz) sets that source's format")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--output", required=True, help="folder for tokenizer.model")
     t.add_argument("--format", default="text", choices=["text", "jsonl", "parquet", "gutenberg", "stackexchange"])
@@ -46,18 +47,28 @@ def _model_path(path: str):
     return p / "tokenizer.model" if p.is_dir() else p
 
 
+def _source_format(paths: list[str], default: str) -> tuple[str, list[str]]:
+    """``["jsonl:a/*.jsonl", "b.jsonl"]`` -> ``("jsonl", ["a/*.jsonl", "b.jsonl"])``."""
+    from ..data.readers import FORMATS
+
+    prefix, sep, rest = paths[0].partition(":")
+    if sep and prefix in FORMATS:
+        return prefix, [rest, *paths[1:]]
+    return default, paths
+
+
 def _train(args) -> int:
     from ..data.readers import BadRecord, read_documents
     from ..tokenizer import Tokenizer, model_settings, sample_sources, train_tokenizer
 
     started = time.perf_counter()
     errors: list[tuple[str, str]] = []
-    sources = {
-        f"source{n}": (d.text for d in read_documents(paths, args.format, source=f"source{n}",
-                                                       text_field=args.text_field,
-                                                       on_error=lambda loc, why: errors.append((loc, why))))
-        for n, paths in enumerate(args.input)
-    }
+    sources = {}
+    for n, paths in enumerate(args.input):
+        fmt, paths = _source_format(paths, args.format)
+        sources[f"source{n}"] = (d.text for d in read_documents(
+            paths, fmt, source=f"source{n}", text_field=args.text_field,
+            on_error=lambda loc, why: errors.append((loc, why))))
     try:
         samples = sample_sources(sources, args.max_sentences, seed=args.seed)
     except (FileNotFoundError, BadRecord) as exc:
