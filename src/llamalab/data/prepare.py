@@ -272,20 +272,16 @@ def _is_validation(text: str, fraction: float) -> bool:
 
 
 class _Spill:
-    """Cleaned documents of one source and split, kept on disk as JSON lines until they are tokenized."""
+    """Cleaned documents of one source and split, kept on disk as JSON lines until the tokenizer is trained."""
 
     def __init__(self, path: Path):
         self.path = path
         self.file = open(path, "w", encoding="utf-8")
-        self.documents = 0
         self.chars = 0
-        self.bytes = 0
 
     def add(self, text: str) -> None:
         self.file.write(json.dumps(text, ensure_ascii=False) + "\n")
-        self.documents += 1
         self.chars += len(text)
-        self.bytes += len(text.encode("utf-8"))
 
     def texts(self):
         self.file.close()
@@ -346,26 +342,33 @@ def clean_documents(recipe: Recipe, stats: dict, *, strict: bool = False):
                  spec.name, st.read, st.kept, dict(st.dropped), st.bad)
 
 
-def _split_into_spills(recipe: Recipe, work: Path, strict: bool) -> tuple[dict, dict]:
-    """Cleaned documents into train/validation spill files per source."""
-    stats: dict[str, SourceStats] = {}
-    spills = {spec.name: {split: _Spill(work / f"{spec.name}.{split}.jsonl") for split in ("train", "validation")}
-              for spec in recipe.sources}
+def _split_documents(recipe: Recipe, stats: dict, strict: bool):
+    """``(source, split, text)`` for every kept document: split by text hash, or by position (``tail``)."""
     for spec, _, text in clean_documents(recipe, stats, strict=strict):
-        out = spills[spec.name]
         val_fraction = recipe.validation_fraction if spec.val_fraction is None else spec.val_fraction
         if spec.split == "tail":
             cut = round(len(text) * (1 - val_fraction))
-            out["train"].add(text[:cut])
+            yield spec.name, "train", text[:cut]
             if cut < len(text):
-                out["validation"].add(text[cut:])
+                yield spec.name, "validation", text[cut:]
         else:
-            out["validation" if _is_validation(text, val_fraction) else "train"].add(text)
-    for spec in recipe.sources:
-        if spills[spec.name]["train"].documents == 0:
-            raise ValueError(f"source {spec.name!r}: every kept document went to the validation split; "
-                             "lower validation_fraction")
-    return stats, spills
+            yield spec.name, "validation" if _is_validation(text, val_fraction) else "train", text
+
+
+def _spill(documents, work: Path) -> dict:
+    """Write documents to per-source-and-split spill files (to train the tokenizer before tokenizing)."""
+    spills: dict[tuple[str, str], _Spill] = {}
+    for name, split, text in documents:
+        if (name, split) not in spills:
+            spills[(name, split)] = _Spill(work / f"{name}.{split}.jsonl")
+        spills[(name, split)].add(text)
+    return spills
+
+
+def _spilled(spills: dict):
+    for (name, split), spill in spills.items():
+        for text in spill.texts():
+            yield name, split, text
 
 
 def _tokenizer_sample(recipe: Recipe, spills: dict):
@@ -375,7 +378,9 @@ def _tokenizer_sample(recipe: Recipe, spills: dict):
     rng = np.random.default_rng(recipe.seed)
     for spec in recipe.sources:
         share = spec.proportion / given if spec.proportion is not None else 1 / len(recipe.sources)
-        spill = spills[spec.name]["train"]
+        spill = spills.get((spec.name, "train"))
+        if spill is None:
+            continue
         keep = max(share, 0.01) * recipe.tokenizer.sample_chars / max(spill.chars, 1)
         for text in spill.texts():
             if keep >= 1.0 or rng.random() < keep:
@@ -399,40 +404,46 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return lengths, np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
 
 
-def _chunks(spills: dict):
-    for name, by_split in spills.items():
-        for split, spill in by_split.items():
-            chunk, size = [], 0
-            for text in spill.texts():
-                chunk.append(text)
-                size += len(text)
-                if size >= CHUNK_CHARS:
-                    yield (name, split), chunk
-                    chunk, size = [], 0
-            if chunk:
-                yield (name, split), chunk
+def _chunks(documents, text_bytes: Counter):
+    """Group ``(source, split, text)`` into per-source-and-split chunks of about ``CHUNK_CHARS`` characters,
+    counting the UTF-8 bytes of each source and split in ``text_bytes``."""
+    buffers: dict[tuple[str, str], list] = {}
+    for name, split, text in documents:
+        key = (name, split)
+        text_bytes[key] += len(text.encode("utf-8"))
+        buf = buffers.setdefault(key, [[], 0])
+        buf[0].append(text)
+        buf[1] += len(text)
+        if buf[1] >= CHUNK_CHARS:
+            yield key, buf[0]
+            buffers[key] = [[], 0]
+    for key, (chunk, _) in buffers.items():
+        if chunk:
+            yield key, chunk
 
 
-def _tokenize(spills: dict, tokenizer_path: Path, out: Path, vocab_size: int, workers: int) -> dict:
-    """Stage 3: encode every spill in ``workers`` processes and write the shards in input order, with a
-    bounded number of chunks in flight so memory stays constant."""
+def _tokenize(documents, tokenizer_path: Path, out: Path, vocab_size: int, workers: int) -> dict:
+    """Encode ``(source, split, text)`` documents in ``workers`` processes while they arrive and write the
+    shards in input order; a bounded number of chunks is in flight, so memory stays constant."""
     dtype = token_dtype(vocab_size)
-    writers = {(n, s): ShardWriter(out / s / n, dtype) for n, by in spills.items() for s, sp in by.items()
-               if sp.documents}
+    writers: dict[tuple[str, str], ShardWriter] = {}
+    text_bytes: Counter = Counter()
 
     def write(key, lengths, tokens):
+        if key not in writers:
+            writers[key] = ShardWriter(out / key[1] / key[0], dtype)
         for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
             writers[key].add(doc)
 
     if workers <= 1:
         _init_worker(str(tokenizer_path))
-        for key, chunk in _chunks(spills):
+        for key, chunk in _chunks(documents, text_bytes):
             write(key, *_encode_chunk(chunk))
     else:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
             inflight: deque = deque()
-            for key, chunk in _chunks(spills):
+            for key, chunk in _chunks(documents, text_bytes):
                 inflight.append((key, pool.apply_async(_encode_chunk, (chunk,))))
                 if len(inflight) > 2 * workers:
                     key, result = inflight.popleft()
@@ -440,7 +451,7 @@ def _tokenize(spills: dict, tokenizer_path: Path, out: Path, vocab_size: int, wo
             while inflight:
                 key, result = inflight.popleft()
                 write(key, *result.get())
-    return {key: split_entry(w, spills[key[0]][key[1]].bytes) for key, w in writers.items()}
+    return {key: split_entry(w, text_bytes[key]) for key, w in writers.items()}
 
 
 def _proportions(recipe: Recipe, train_tokens: dict[str, int], budget: int) -> dict[str, float]:
@@ -462,34 +473,44 @@ def _build_prepared(recipe: Recipe, digest: str, out: Path, strict: bool, worker
 
     started = time.perf_counter()
     timing = {}
-    work = out / ".work"
-    work.mkdir()
-    stats, spills = _split_into_spills(recipe, work, strict)
-    timing["read_clean_dedup_s"] = time.perf_counter() - started
-
-    t = time.perf_counter()
+    stats: dict[str, SourceStats] = {}
+    documents = _split_documents(recipe, stats, strict)
     tok_path = out / TOKENIZER_NAME
     if recipe.tokenizer.path:
+        # The tokenizer is known: documents stream from reading and dedup (this process) straight into the
+        # tokenizer workers, so the two stages overlap.
         shutil.copyfile(recipe.tokenizer.path, tok_path)
         tok_info = {"source": recipe.tokenizer.path}
+        tokenizer = Tokenizer(tok_path)
+        entries = _tokenize(documents, tok_path, out, tokenizer.vocab_size, workers)
+        timing["read_clean_dedup_tokenize_s"] = time.perf_counter() - started
     else:
         from ..tokenizer import train_tokenizer
 
+        work = out / ".work"
+        work.mkdir()
+        spills = _spill(documents, work)
+        timing["read_clean_dedup_s"] = time.perf_counter() - started
+        t = time.perf_counter()
         kwargs = {"max_sentences": recipe.tokenizer.max_sentences} if recipe.tokenizer.max_sentences else {}
         trained = train_tokenizer(_tokenizer_sample(recipe, spills), recipe.tokenizer.vocab_size, work / "tokenizer",
                                   seed=recipe.seed, **kwargs)
         shutil.copyfile(trained, tok_path)
         tok_info = {"source": "trained on the train split", "sample_chars": recipe.tokenizer.sample_chars}
-    tokenizer = Tokenizer(tok_path)
+        tokenizer = Tokenizer(tok_path)
+        timing["tokenizer_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        entries = _tokenize(_spilled(spills), tok_path, out, tokenizer.vocab_size, workers)
+        timing["tokenize_s"] = time.perf_counter() - t
+        shutil.rmtree(work)
     tok_info.update(vocab_size=tokenizer.vocab_size, **tokenizer.special_ids(),
                     sha256=hashlib.sha256(tok_path.read_bytes()).hexdigest())
-    timing["tokenizer_s"] = time.perf_counter() - t
+    for spec in recipe.sources:
+        if (spec.name, "train") not in entries:
+            raise ValueError(f"source {spec.name!r}: every kept document went to the validation split; "
+                             "lower validation_fraction")
 
-    t = time.perf_counter()
-    entries = _tokenize(spills, tok_path, out, tokenizer.vocab_size, workers)
-    timing["tokenize_s"] = time.perf_counter() - t
-
-    train_tokens = {n: entries[(n, "train")]["tokens"] for n in spills}
+    train_tokens = {s.name: entries[(s.name, "train")]["tokens"] for s in recipe.sources}
     budget = int(recipe.token_budget or sum(train_tokens.values()))
     proportions = _proportions(recipe, train_tokens, budget)
     sources = {}
@@ -505,7 +526,6 @@ def _build_prepared(recipe: Recipe, digest: str, out: Path, strict: bool, worker
             "splits": {split: entries[(spec.name, split)] for split in ("train", "validation")
                        if (spec.name, split) in entries},
         }
-    shutil.rmtree(work)
     timing["total_s"] = time.perf_counter() - started
     finish_prepared(out, {
         "name": recipe.name, "recipe_path": recipe.path, "recipe_hash": digest, "recipe": asdict(recipe),
