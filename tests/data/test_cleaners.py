@@ -53,6 +53,7 @@ def web():
     return get_cleaner("web")
 
 
+@pytest.mark.slow  # the first use of langid unpacks its model (5-20 s, then cached in ~/.cache/llamalab)
 def test_web_filter_on_noisy_crawl(shared, web):
     (doc,) = read_documents([str(shared("raw", "web", "corpus.en.txt"))], "text", source="web")
     result = web(doc)
