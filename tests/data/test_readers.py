@@ -79,6 +79,15 @@ def test_text_files_globs_and_paragraphs(tmp_path):
     assert paras[1].location == f"{tmp_path / 'a.txt'}:5"
 
 
+def test_compressed_text_files(tmp_path):
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"One\n\nTwo\n"))
+    (tmp_path / "b.txt.zst").write_bytes(zstandard.ZstdCompressor().compress("caf\u00e9".encode("latin-1")))
+    paras, _ = _collect([str(tmp_path / "a.txt.gz")], "text", paragraphs=True)
+    assert [d.text for d in paras] == ["One", "Two"]
+    (book,) = read_documents([str(tmp_path / "b.txt.zst")], "gutenberg", source="b")
+    assert book.text == "caf\u00e9" and book.meta["encoding"] == "latin-1"
+
+
 def test_text_invalid_utf8_names_the_line(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good\nalso good\nbad \xff here\n\nnext para\n")

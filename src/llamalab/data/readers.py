@@ -96,7 +96,8 @@ def read_documents(
     on_error: Callable[[str, str], None] | None = None,
     paragraphs: bool = False,
 ) -> Iterator[Document]:
-    """Stream documents from ``paths`` (files or globs) in format ``fmt`` (see :data:`FORMATS`).
+    """Stream documents from ``paths`` (files or globs) in format ``fmt`` (see :data:`FORMATS`); text, JSONL
+    and Gutenberg files may be ``.gz`` or ``.zst`` compressed.
 
     ``text_field`` names the text column of JSONL and Parquet records (other fields go to ``meta``);
     ``paragraphs=True`` makes the plain-text reader yield one document per blank-line separated paragraph
@@ -120,7 +121,8 @@ def read_documents(
 
 def _read_text(path: Path, *, source, bad, paragraphs, **_) -> Iterator[Document]:
     if not paragraphs:
-        data = path.read_bytes()
+        with open_binary(path) as f:
+            data = f.read()
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -132,7 +134,7 @@ def _read_text(path: Path, *, source, bad, paragraphs, **_) -> Iterator[Document
         return
     lines: list[str] = []
     start, broken = 0, False
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
@@ -153,7 +155,8 @@ def _read_text(path: Path, *, source, bad, paragraphs, **_) -> Iterator[Document
 
 
 def _read_gutenberg(path: Path, *, source, **_) -> Iterator[Document]:
-    text, encoding = decode_gutenberg(path.read_bytes())
+    with open_binary(path) as f:
+        text, encoding = decode_gutenberg(f.read())
     yield Document(text, source, path.name, f"{path}:1", {"path": str(path), "encoding": encoding})
 
 
