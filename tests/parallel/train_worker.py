@@ -1,5 +1,6 @@
-"""torchrun entry: ``train_worker.py RESULT_JSON [config overrides...]`` runs ``llamalab.train.trainer.train``
-under the launched layout and writes rank 0's losses; tears the process group down cleanly."""
+"""torchrun entry: ``train_worker.py RESULT_JSON RUNS_JSON`` runs ``llamalab.train.trainer.train`` once per
+entry of RUNS_JSON (a list of config override lists) in one process group, one after the other, and writes rank
+0's losses per run; then tears the process group down cleanly (references dropped, gc, destroy)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ from llamalab.train.trainer import train
 
 def main() -> None:
     torch.set_num_threads(1)
-    out, overrides = sys.argv[1], sys.argv[2:]
-    result = train(load_config(None, overrides))
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    out, runs = sys.argv[1], json.loads(sys.argv[2])
+    results = []
+    for overrides in runs:
+        result = train(load_config(None, overrides))
+        results.append({"losses": result.losses, "val_loss": result.val_loss,
+                        "final_dir": str(result.final_dir) if result.final_dir else None})
+        del result
+        gc.collect()
+    if dist.get_rank() == 0:
         with open(out, "w") as fh:
-            json.dump({"losses": result.losses, "val_loss": result.val_loss,
-                       "final_dir": str(result.final_dir) if result.final_dir else None}, fh)
-    del result
-    gc.collect()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+            json.dump(results, fh)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

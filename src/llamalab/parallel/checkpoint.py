@@ -63,27 +63,32 @@ def export_native(dcp_dir: str | Path, out_dir: str | Path, *, args=None, tokeni
                   dtype: torch.dtype | None = None) -> Path:
     """Write a single-process native checkpoint (``llamalab.checkpoint.save_pretrained``) from a DCP one.
 
-    The model shape comes from ``args`` (a ``ModelArgs``) or else from a ``config.json`` (native) beside or
-    above the checkpoint; every tensor must be present with the model's shape.
+    ``dcp_dir`` is a DCP folder or a training checkpoint folder (``step-N/``, holding ``dcp/``). The model shape
+    comes from ``args`` (a ``ModelArgs``), else the training checkpoint's ``trainer_state.json``, else a native
+    ``config.json`` beside the checkpoint; every tensor must be present with the model's shape. No process
+    group or GPU is needed.
     """
+    import json
+
     from ..checkpoint import load_state_into, read_config, save_pretrained
-    from ..model import build_model
+    from ..model import ModelArgs, build_model
 
     dcp_dir = Path(dcp_dir)
+    if (dcp_dir / "dcp" / ".metadata").is_file():
+        dcp_dir = dcp_dir / "dcp"
     state = read_model_state(dcp_dir)
     if args is None:
-        for folder in (dcp_dir, dcp_dir.parent, dcp_dir.parent.parent):
-            if (folder / "config.json").is_file():
-                args, _ = read_config(folder)
-                break
+        trainer_state = dcp_dir.parent / "trainer_state.json"
+        if trainer_state.is_file() and "model_args" in json.loads(trainer_state.read_text()):
+            args = ModelArgs.from_dict(json.loads(trainer_state.read_text())["model_args"], source=str(trainer_state))
+        elif (dcp_dir / "config.json").is_file():
+            args, _ = read_config(dcp_dir)
+        elif (dcp_dir.parent / "config.json").is_file():
+            args, _ = read_config(dcp_dir.parent)
         else:
-            raise FileNotFoundError(f"{dcp_dir}: no config.json here or in the two folders above; pass args=")
+            raise FileNotFoundError(f"{dcp_dir}: no trainer_state.json or config.json beside it to give the model "
+                                    "shape; pass args=")
     stored = next(iter(state.values())).dtype
     model = build_model(args, init=False, dtype=stored)
     load_state_into(model, state, str(dcp_dir))
-    if tokenizer_path is None:
-        for folder in (dcp_dir, dcp_dir.parent, dcp_dir.parent.parent):
-            if (folder / "tokenizer.model").is_file():
-                tokenizer_path = folder / "tokenizer.model"
-                break
     return save_pretrained(out_dir, model, tokenizer_path=tokenizer_path, dtype=dtype)
