@@ -47,7 +47,10 @@ class Tokenizer:
     """Thin wrapper over a SentencePiece model with LLaMA's conventions: BOS prepended, EOS optional."""
 
     def __init__(self, model_path: str | Path):
+        """``model_path``: a SentencePiece model file, or a folder holding ``tokenizer.model``."""
         self.path = Path(model_path)
+        if self.path.is_dir():
+            self.path = self.path / "tokenizer.model"
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
         self.sp = spm.SentencePieceProcessor()

@@ -40,13 +40,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_path(path: str):
-    from pathlib import Path
-
-    p = Path(path)
-    return p / "tokenizer.model" if p.is_dir() else p
-
-
 def _source_format(paths: list[str], default: str) -> tuple[str, list[str]]:
     """``["jsonl:a/*.jsonl", "b.jsonl"]`` -> ``("jsonl", ["a/*.jsonl", "b.jsonl"])``."""
     from ..data.readers import FORMATS
@@ -103,7 +96,7 @@ def main(argv: list[str]) -> int:
     from ..tokenizer import Tokenizer, model_settings
 
     try:
-        tok = Tokenizer(_model_path(args.model))
+        tok = Tokenizer(args.model)
     except (FileNotFoundError, ValueError) as exc:
         print(f"llamalab tokenizer: {exc}", file=sys.stderr)
         return 2
