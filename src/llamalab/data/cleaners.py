@@ -59,7 +59,7 @@ _TERMINAL = (".", "!", "?", '"', "\u201d", "'")
 # C4's policy substrings plus a few more boilerplate markers; matched case-insensitively, drop the line
 _BOILERPLATE = (
     "terms of use", "terms of service", "privacy policy", "privacy statement", "cookie policy", "uses cookies",
-    "use of cookies", "use cookies", "accept cookies", "enable cookies", "all rights reserved", "copyright ©",
+    "use of cookies", "use cookies", "accept cookies", "enable cookies", "all rights reserved",
     "©", "click here", "sign up for our newsletter", "log in to reply",
 )
 _SENTENCE_END = re.compile(r"[.!?][\"'\u201d)]*(?=\s|$)")
@@ -91,7 +91,7 @@ class WebCleaner:
         if not line.endswith(_TERMINAL) or line.endswith("...") or line.endswith("\u2026"):
             return "no_terminal_punctuation"
         if len(line.split()) < self.min_words_per_line:
-            return "too_few_words"
+            return "short_line"
         return None
 
     def language_of(self, text: str) -> tuple[str, float]:
@@ -194,7 +194,9 @@ def alnum_count(text: str) -> int:
     return sum(map(str.isalnum, text))
 
 
-_LINE_COMMENT = re.compile(r"^\s*(#|//|--|;|%|!)")
+# comment lines of common languages; C preprocessor lines (#include, #define, ...) are code
+_LINE_COMMENT = re.compile(r"^\s*(#(?!\s*(?:include|define|if|ifdef|ifndef|pragma|import|endif|else|elif|undef)\b)"
+                           r"|//|--|;|%|!)")
 
 
 def strip_license_header(text: str) -> str:
