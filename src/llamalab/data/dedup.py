@@ -86,6 +86,9 @@ def shingles(text: str, ngram: int) -> list[bytes]:
     return [" ".join(words[i: i + ngram]).encode() for i in range(len(words) - ngram + 1)]
 
 
+_BATCH = 8192
+
+
 class NearDedup:
     """MinHash LSH near-duplicate detection: ``is_duplicate(doc_id, text)`` is True when an earlier document's
     estimated Jaccard similarity of word ``ngram`` shingles is at least ``threshold``; otherwise the document is
@@ -110,7 +113,9 @@ class NearDedup:
 
         m = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=self._permutations,
                     scheme=self._scheme, hashfunc=zlib.crc32)  # crc32: a 32-bit hash much cheaper than sha1
-        m.update_batch(shingles(text, self.ngram))
+        grams = list(dict.fromkeys(shingles(text, self.ngram)))  # unique, in a stable order
+        for i in range(0, len(grams), _BATCH):  # bounded temporaries: num_perm x _BATCH uint64 per step
+            m.update_batch(grams[i: i + _BATCH])
         return m
 
     def is_duplicate(self, doc_id: str, text: str) -> bool:
