@@ -115,9 +115,13 @@ class LoggingConfig:
 
 @dataclass
 class PrecisionConfig:
-    """``bf16``: bf16 autocast over fp32 master weights and optimizer state; ``fp32``: no autocast."""
+    """``bf16``: bf16 autocast over fp32 master weights and optimizer state; ``fp32``: no autocast.
 
-    mode: Literal["bf16", "fp32"] = "bf16"
+    ``auto``: bf16 where bf16 matmuls are faster than fp32 (GPUs; CPUs with AVX-512 BF16 or AMX), else fp32 --
+    on a CPU without them a bf16 matmul falls back to a slow path.
+    """
+
+    mode: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 @dataclass

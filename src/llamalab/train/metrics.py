@@ -27,24 +27,40 @@ def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str | torch.
                        size: int | None = None, seconds: float = 0.3) -> float:
     """Best FLOP/s of square matmuls in ``dtype`` over about ``seconds`` (the MFU denominator).
 
-    The best of several repetitions, so a busy machine lowers it less than it lowers a mean.
+    Without ``size`` the matrices grow from 256 until one product takes over 50 ms (up to 2048 on a CPU, 8192
+    on a GPU), so a CPU without native bf16 -- where a bf16 product can be 100x slower than fp32 -- is measured
+    in a fraction of a second too. The best of several repetitions, so a busy machine lowers it less than a mean.
     """
     device = torch.device(device)
-    size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.mm(a, b)  # warm-up: kernel selection, page faults
-    sync()
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while True:
+    sizes = [size] if size else [n for n in (256, 512, 1024, 2048, 4096, 8192)
+                                 if device.type == "cuda" or n <= 2048]
+
+    def timed_mm(a, b) -> float:
         start = time.perf_counter()
         torch.mm(a, b)
         sync()
-        elapsed = time.perf_counter() - start
-        best = max(best, 2.0 * size**3 / elapsed)
+        return time.perf_counter() - start
+
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        timed_mm(a, b)  # warm-up: kernel selection, page faults
+        if timed_mm(a, b) > 0.05 or n == sizes[-1]:
+            break
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while True:
+        best = max(best, 2.0 * n**3 / timed_mm(a, b))
         if time.perf_counter() > deadline:
             return best
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat fp32 here (GPUs with bf16; CPUs with AVX-512 BF16 or AMX, measured)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return measure_peak_flops(torch.bfloat16, device, seconds=0.05) > \
+        1.2 * measure_peak_flops(torch.float32, device, seconds=0.05)
 
 
 class MetricsLog:

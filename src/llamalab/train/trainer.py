@@ -26,7 +26,7 @@ from ..config import Config, ConfigError
 from ..model import ModelArgs, build_model
 from . import checkpoint as ckpt
 from .activation_checkpoint import apply_activation_checkpointing
-from .metrics import MetricsLog, measure_peak_flops, plot_loss_curve, training_flops_per_token
+from .metrics import MetricsLog, fast_bf16, measure_peak_flops, plot_loss_curve, training_flops_per_token
 from .optim import Schedule, build_optimizer
 
 
@@ -91,6 +91,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_precision(cfg: Config, device: torch.device) -> None:
+    """Turn ``precision.mode = "auto"`` into bf16 or fp32 for this device (in place)."""
+    if cfg.precision.mode == "auto":
+        cfg.precision.mode = "bf16" if fast_bf16(device) else "fp32"
+
+
 def autocast_context(cfg: Config, device: torch.device):
     if cfg.precision.mode == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -146,7 +152,7 @@ def parallelize(model, cfg: Config, dims, mesh, device: torch.device):
                              autocast=lambda: autocast_context(cfg, device),
                              ac_mode=cfg.activation_checkpoint.mode, compile=cfg.compile.enabled,
                              precision=cfg.precision.mode, pp_schedule=cfg.parallel.pp_schedule,
-                             pp_microbatches=cfg.parallel.pp_microbatches)
+                             pp_microbatches=cfg.parallel.pp_microbatches, seed=cfg.run.seed)
 
 
 @torch.no_grad()
@@ -190,6 +196,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
     device = resolve_device(cfg.run.device, world)
     out_dir = Path(cfg.run.out_dir)
     ckpt_root = out_dir / "checkpoints"
+    resolve_precision(cfg, device)
     seed_everything(cfg.run.seed)
 
     from ..data.loader import MixtureLoader, ValidationSet
@@ -225,7 +232,10 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
         except ValueError as exc:
             _log(f"no validation: {exc}", world)
 
-    model = build_model(args, device=device, seed=cfg.run.seed)  # the same full model on every rank
+    if world.world_size > 1:  # shapes only; parallelize shards them, then rank 0's seeded weights fill the shards
+        model = build_model(args, device="meta", init=False)
+    else:
+        model = build_model(args, device=device, seed=cfg.run.seed)
     run = parallelize(model, cfg, dims, mesh, device)
     model = run.module  # plain names over this rank's shards/stages: optimizer, checkpoints, clipping
     if world.world_size == 1:
