@@ -83,6 +83,7 @@ def test_web_page_level_filters(web):
     assert result.reason == "language" and result.details["language"] == "de"
     assert get_cleaner("web", language="de")(_doc(german)).text == german
     assert get_cleaner("web", language=None)(_doc(german)).text == german
+    assert get_cleaner("web", lang_threshold=1.01)(_doc(english)).reason == "language"  # nothing is that sure
 
 
 # ---------------------------------------------------------------------------------------------- code

@@ -14,6 +14,7 @@ def test_exact_dedup_normalizes_case_and_whitespace():
     docs = ["The cat sat.\nOn the mat.", "the  CAT sat. on the mat.  ", "The cat sat on the mat.", "Another one."]
     assert [dedup.is_duplicate(d) for d in docs] == [False, True, False, False]
     assert dedup.is_duplicate("ANOTHER ONE.") and not dedup.is_duplicate("Another one!")
+    assert not dedup.is_duplicate("\ufb01ne print") and dedup.is_duplicate("fine print")  # NFKC: the ligature
 
 
 def test_line_dedup_drops_lines_seen_before():
