@@ -43,11 +43,17 @@ class ParallelRun:
     def setup(cls, model: nn.Module, dims: ParallelDims, mesh, *, device: torch.device, loss_fn: LossFn,
               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
               ac_mode: str = "none", compile: bool = False, precision: str = "fp32",
-              pp_schedule: str = "1F1B", pp_microbatches: int = 1) -> ParallelRun:
-        """Parallelize ``model`` (initialised identically on every rank) for ``dims`` on ``mesh``."""
+              pp_schedule: str = "1F1B", pp_microbatches: int = 1, seed: int | None = None) -> ParallelRun:
+        """Parallelize ``model`` for ``dims`` on ``mesh``.
+
+        ``model`` is either initialised identically on every rank, or built on the meta device (shapes only):
+        then it is parallelized first and given rank 0's weights for ``seed`` afterwards (``materialize``),
+        so no rank ever holds more than its shards on the accelerator.
+        """
         if mesh is None:  # one process: nothing to distribute
             return cls(dims=dims, parts=[model], module=model, loss_fn=loss_fn, autocast=autocast)
         dims.validate_model(model.args)
+        on_meta = any(p.is_meta for p in model.parameters())
 
         def parallelize(m: nn.Module) -> nn.Module:
             return parallelize_model(m, mesh, dims, ac_mode=ac_mode, compile=compile,
@@ -61,8 +67,30 @@ class ParallelRun:
             parts = pipeline.parts
         else:
             parts = [parallelize(model)]
-        return cls(dims=dims, parts=parts, module=state_module(parts), loss_fn=loss_fn, autocast=autocast,
-                   pipeline=pipeline, mesh=mesh)
+        run = cls(dims=dims, parts=parts, module=state_module(parts), loss_fn=loss_fn, autocast=autocast,
+                  pipeline=pipeline, mesh=mesh)
+        if on_meta:
+            run.materialize(model.args, seed, device)
+        return run
+
+    def materialize(self, args, seed: int | None, device: torch.device) -> None:
+        """Storage for a model parallelized on the meta device, filled with the weights one process would
+        initialise with ``seed``: rank 0 builds the full model on the CPU (fp32, once) and broadcasts it tensor by
+        tensor; each rank keeps its own shards. Random init directly on shards would repeat one rank's numbers
+        on every rank."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from ..model import build_model
+
+        for part in self.parts:
+            part.to_empty(device=device)
+        full = build_model(args, device="cpu", seed=seed).state_dict() if dist.get_rank() == 0 else {}
+        # not strict: rank 0 also holds (and broadcasts) the other pipeline stages' tensors
+        set_model_state_dict(self.module, full, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))
+        del full
+        for part in self.parts:
+            part.init_buffers()  # the rotary tables are not in the state dict
 
     def forward_backward(self, batch: torch.Tensor, accum: int = 1) -> torch.Tensor:
         """Loss of one micro-batch (``batch`` holds inputs and shifted targets); accumulates the gradients of
