@@ -258,12 +258,17 @@ class Evaluator:
         return self.scorer.score(requests, groups, desc=desc)
 
     def loglikelihood_rolling(self, texts: Sequence[str], max_length: int | None = None,
-                              stride: int | None = None, desc: str = "rolling") -> list[tuple[float, int]]:
-        """(total log-likelihood, number of tokens) of each text on its own, BOS first, in sliding windows."""
+                              stride: int | None = None, desc: str = "rolling",
+                              score_bos: bool = False) -> list[tuple[float, int]]:
+        """(total log-likelihood, number of tokens) of each text on its own, after BOS, in sliding windows.
+
+        ``score_bos=True`` also scores the BOS token itself after a BOS prefix, which is what lm-eval's ``hf``
+        backend does with a tokenizer that adds BOS (its ``tok_encode`` keeps it in the scored tokens).
+        """
         max_length = max_length or self.scorer.max_length
         windows, owner, counts = [], [], []
         for i, text in enumerate(texts):
-            tokens = self.tokenizer.encode(text, bos=False)
+            tokens = self.tokenizer.encode(text, bos=score_bos)
             counts.append(len(tokens))
             for w in rolling_windows(tokens, self.tokenizer.bos_id, max_length, stride):
                 windows.append(w)

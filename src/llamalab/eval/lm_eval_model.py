@@ -63,7 +63,8 @@ class LlamalabLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         self.evaluator.scorer.progress = not disable_tqdm
-        scores = self.evaluator.loglikelihood_rolling([req.args[0] for req in requests])
+        # score_bos: the same number as lm-eval's hf backend on the Hugging Face export (it scores BOS too)
+        scores = self.evaluator.loglikelihood_rolling([req.args[0] for req in requests], score_bos=True)
         return [ll for ll, _ in scores]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

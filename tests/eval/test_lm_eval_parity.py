@@ -1,0 +1,103 @@
+"""Parity with lm-evaluation-harness itself: its ``hf`` backend on the Hugging Face export of a small random model
+against llamalab's harness on the native checkpoint, offline on the shared task files.
+
+For 20 items of each of the eight tasks: the same token ids, log-likelihoods within 1e-4, and the same choice for
+every item under acc and acc_norm (our yamls ask lm-eval for both on every task). Also rolling log-likelihoods
+and greedy generation through our lm-eval model class against the ``hf`` backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamalab.eval.harness import Evaluator, encode_pair, evaluate_tasks
+from llamalab.eval.tasks import TASKS, load_task, write_lm_eval_tasks
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+LIMIT = 20
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, request):
+    from conftest import shared_path
+    from llamalab.checkpoint import save_pretrained
+    from llamalab.convert.hf import export_hf
+    from llamalab.model import ModelArgs, build_model
+    from llamalab.tokenizer import Tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread avoids OpenMP stalls on a loaded machine
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    data_dir = shared_path("eval")
+    tok_path = shared_path("weights", "stories260K", "tok512.reconstructed.model")
+    tmp = tmp_path_factory.mktemp("parity")
+    # max_seq_len 256: long BoolQ passages are cut on the left, which both sides must do the same way
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                     norm_eps=1e-5, max_seq_len=256)
+    model = build_model(args, seed=0)
+    with torch.no_grad():  # non-trivial norms and sharper distributions, so choices are not near-ties
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.mul_(3.0)
+    save_pretrained(tmp / "native", model, tok_path)
+    export_hf(tmp / "native", tmp / "hf")
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    hf = HFLM(pretrained=str(tmp / "hf"), dtype="float32", batch_size=8, device="cpu")
+    names = write_lm_eval_tasks(data_dir, tmp / "yamls")
+    out = lm_eval.simple_evaluate(model=hf, tasks=list(names.values()), limit=LIMIT, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp / "yamls")))
+    tokenizer = Tokenizer(tmp / "native" / "tokenizer.model")
+    ours = evaluate_tasks(Evaluator(model, tokenizer, batch_size=16, progress=False), list(TASKS), data_dir, LIMIT)
+    return {"hf": hf, "names": names, "samples": out["samples"], "ours": ours, "tokenizer": tokenizer,
+            "data_dir": data_dir, "native": tmp / "native"}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_same_loglikelihoods_and_choices(setup, task):
+    samples = sorted(setup["samples"][setup["names"][task]], key=lambda s: s["doc_id"])
+    ours = setup["ours"]["examples"][task]
+    assert len(samples) == len(ours) == LIMIT
+    for s, mine in zip(samples, ours):
+        assert s["doc_id"] == mine["index"]
+        theirs = [float(r[0]) for r in s["filtered_resps"]]
+        assert mine["loglikelihoods"] == pytest.approx(theirs, abs=1e-4, rel=0), f"{task} item {mine['index']}"
+        assert mine["correct"]["acc"] == s["acc"], f"{task} item {mine['index']}: acc"
+        assert mine["correct"]["acc_norm"] == s["acc_norm"], f"{task} item {mine['index']}: acc_norm"
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_same_token_ids_as_lm_eval_hf(setup, task):
+    """lm-eval's hf backend on our HF export sees exactly the token ids our harness scores (the export writes a
+    tokenizer.json with SentencePiece's rules; transformers' own conversion of tokenizer.model would differ)."""
+    hf, tok = setup["hf"], setup["tokenizer"]
+    for item in load_task(task, setup["data_dir"], limit=LIMIT):
+        for context, continuation in zip(item.contexts, item.continuations):
+            assert hf._encode_pair(context, continuation) == encode_pair(tok, context, continuation)
+
+
+def test_rolling_and_generation_match_hf_backend(setup):
+    from lm_eval.api.instance import Instance
+
+    import llamalab.eval.lm_eval_model as lm_eval_model
+
+    ours = lm_eval_model.LlamalabLM(checkpoint=str(setup["native"]), batch_size=8)
+    texts = [item.contexts[0] for item in load_task("boolq", setup["data_dir"], limit=3)]  # > 256 tokens
+    assert max(len(setup["tokenizer"].encode(t)) for t in texts) > 256
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    assert ours.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
+        setup["hf"].loglikelihood_rolling(rolling, disable_tqdm=True), abs=1e-4, rel=0)
+
+    prompts = [item.contexts[0] for item in load_task("piqa", setup["data_dir"], limit=3)]
+    gen = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
+           for i, p in enumerate(prompts)]
+    assert ours.generate_until(gen, disable_tqdm=True) == setup["hf"].generate_until(gen, disable_tqdm=True)
