@@ -1,4 +1,4 @@
-"""``llamalab tokenizer train|encode|info``: train a BPE tokenizer with LLaMA's settings, or inspect one."""
+"""``llamalab tokenizer train|encode|decode|info``: train a BPE tokenizer with LLaMA's settings, or use one."""
 
 from __future__ import annotations
 
