@@ -1,0 +1,67 @@
+"""``llamalab train`` end to end on the tiny data: exit codes, what it prints and the files it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llamalab.commands import train as train_cmd
+
+
+def _write_config(tmp_path, prepared) -> str:
+    path = tmp_path / "tiny.toml"
+    path.write_text(f"""
+[run]
+out_dir = "{tmp_path / 'run'}"
+[model]
+preset = "tiny"
+[data]
+prepared = "{prepared}"
+seq_len = 32
+val_batches = 2
+[batch]
+global_tokens = 128
+micro_batch = 4
+[length]
+steps = 6
+[schedule]
+warmup_steps = 2
+[logging]
+every = 2
+val_every = 3
+progress = true
+[checkpoint]
+every = 3
+[precision]
+mode = "fp32"
+""")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_train_command_writes_metrics_events_plot_and_model(tmp_path, prepared, capsys):
+    config = _write_config(tmp_path, prepared)
+    assert train_cmd.main([config, "--optimizer.lr", "2e-3"]) == 0
+    out, err = capsys.readouterr()
+    assert "trained 6 steps, 768 tokens" in out and "validation loss" in out and "bits/byte" in out
+    assert "MFU" in out and "loss.png" in out
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    assert all({"loss", "lr", "tokens_per_s", "mfu", "grad_norm"} <= r.keys() for r in train_records)
+    assert [r["step"] for r in records if r["split"] == "val"] == [3, 6]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "final" / "model.safetensors").is_file() and (run / "final" / "config.json").is_file()
+    assert json.loads((run / "config.json").read_text())["optimizer"]["lr"] == 2e-3
+    assert "6/6" in err  # the progress bar ran to the end
+
+
+def test_train_command_config_error_names_the_key(tmp_path, prepared, capsys):
+    config = _write_config(tmp_path, prepared)
+    assert train_cmd.main([config, "--optimizer.learning_rate", "1e-3"]) == 2
+    assert "optimizer.learning_rate: unknown key" in capsys.readouterr().err
+    assert train_cmd.main([config, "--batch.micro_batch", "four"]) == 2
+    assert "batch.micro_batch: expected an integer, got 'four'" in capsys.readouterr().err
