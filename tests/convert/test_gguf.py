@@ -106,21 +106,33 @@ def test_tokenizer_from_llama_cpp_file_encodes_like_meta(tmp_path, shared, llama
 # llama.cpp (optional extra `llamacpp`)
 
 
-def llama_cpp_greedy(path, prompt_ids: list[int], steps: int) -> list[int]:
-    """Greedy tokens from llama.cpp, reading the last position's logits with llama_get_logits_ith."""
+def llama_cpp_greedy(path, prompt_ids: list[int], steps: int):
+    """(greedy tokens, logits after the prompt) from llama.cpp, read with llama_get_logits_ith.
+
+    The KV cache is kept in f32 (llama.cpp's default f16 cache moves logits by ~1e-3, enough to flip a
+    near-tie of a random model).
+    """
     import numpy as np
 
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, verbose=False)
-    out, tokens = [], list(prompt_ids)
-    llm.eval(tokens)
-    for _ in range(steps):
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, type_k=f32, type_v=f32,
+                          verbose=False)
+
+    def last_logits():
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
-        nxt = int(np.argmax(logits))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy())
+
+    out = []
+    try:
+        llm.eval(list(prompt_ids))
+        first = last_logits()
+        for _ in range(steps):
+            out.append(int(last_logits().argmax()))
+            llm.eval([out[-1]])
+    finally:
+        llm.close()
+    return out, first
 
 
 def llamalab_greedy(native, prompt_ids: list[int], steps: int) -> list[int]:
@@ -131,16 +143,20 @@ def llamalab_greedy(native, prompt_ids: list[int], steps: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["stories260K", "random"])
-def test_llama_cpp_runs_our_gguf(tmp_path, shared, stories, which):
+@pytest.mark.parametrize(("which", "dtype"), [("stories260K", "f32"), ("random", "f32"), ("stories260K", "q8_0")])
+def test_llama_cpp_runs_our_gguf(tmp_path, shared, stories, which, dtype):
+    """Same greedy tokens as llamalab for 64 steps; f32 logits equal ours (q8_0 only approximately)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    if which == "random":
-        native = random_native(tmp_path / "n", shared, scale=8.0)
-    else:
-        native = stories[1]
-    path = export_gguf(native, tmp_path / "m.gguf", dtype="f32")
+    native = random_native(tmp_path / "n", shared, scale=8.0) if which == "random" else stories[1]
+    path = export_gguf(native, tmp_path / "m.gguf", dtype=dtype)
     tok = Tokenizer(native / "tokenizer.model")
     prompt = tok.encode("Once upon a time")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, vocab_only=True)
-    assert llm.tokenize(b"Once upon a time", add_bos=True) == prompt
-    assert llama_cpp_greedy(path, prompt, 64) == llamalab_greedy(native, prompt, 64)
+    vocab = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, vocab_only=True)
+    assert vocab.tokenize(b"Once upon a time", add_bos=True) == prompt
+    vocab.close()
+    theirs, logits = llama_cpp_greedy(path, prompt, 64)
+    model, _, _ = load_model(native)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(torch.tensor([prompt]))[0, -1], rtol=0,
+                                   atol=1e-4 if dtype == "f32" else 0.5)  # q8_0 also quantizes activations
+    assert theirs == llamalab_greedy(native, prompt, 64)
