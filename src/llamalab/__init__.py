@@ -1,51 +1,29 @@
 """llamalab: Meta's LLaMA reproduced end to end.
 
 ``llamalab.load(path)`` opens a native checkpoint folder (see ``llamalab.checkpoint``) and returns a
-``Pretrained`` with ``.model``, ``.tokenizer`` and ``.generate(...)``.
+``Pretrained`` with ``.model``, ``.tokenizer`` and ``.generate(...)``. Names are imported lazily so that
+commands which never touch a model (``llamalab data``, ``llamalab tokenizer``) start without importing torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-
-from .model import ModelArgs, Transformer, build_model
+import importlib
 
 __version__ = "0.1.0"
 
-
-@dataclass
-class Pretrained:
-    model: Transformer
-    args: ModelArgs
-    tokenizer: object | None  # llamalab.tokenizer.Tokenizer when the folder holds tokenizer.model
-    special_ids: dict[str, int]
-    path: Path
-
-    def generate(self, prompts, **kwargs):
-        """Generate from a prompt string (or a list of them); see ``llamalab.generate.generate``."""
-        from .generate import generate
-
-        return generate(self.model, self.tokenizer, prompts, **kwargs)
+_LAZY = {
+    "load": "llamalab.api",
+    "Pretrained": "llamalab.api",
+    "ModelArgs": "llamalab.model",
+    "Transformer": "llamalab.model",
+    "build_model": "llamalab.model",
+}
 
 
-def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a native llamalab checkpoint folder. Never unpickles: safetensors and JSON only."""
-    from .checkpoint import TOKENIZER_NAME, load_model
-    from .tokenizer import Tokenizer
-
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
-    path = Path(path)
-    model, args, special = load_model(path, dtype=dtype, device=device)
-    tok_path = path / TOKENIZER_NAME
-    tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
-    if tokenizer is not None:
-        special = {**tokenizer.special_ids(), **special}
-    return Pretrained(model=model, args=args, tokenizer=tokenizer, special_ids=special, path=path)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llamalab' has no attribute {name!r}")
 
 
-__all__ = ["ModelArgs", "Pretrained", "Transformer", "build_model", "load"]
+__all__ = sorted(_LAZY)
