@@ -21,39 +21,51 @@ def checkpoints(cfg) -> list[str]:
     return [p.name for _, p in ckpt.list_checkpoints(Path(cfg.run.out_dir) / "checkpoints")]
 
 
-@pytest.fixture
-def two_checkpoints(make_config):
-    """A finished 8-step run with checkpoints at steps 4 and 8."""
-    cfg = make_config("--checkpoint.every", "4")
-    trainer.train(cfg)
-    assert checkpoints(cfg) == ["step-00000008", "step-00000004"]
-    return cfg
+def _save_two(root):
+    model = build_model(preset_args("tiny"), seed=0)
+    optimizer = build_optimizer(model, OptimizerConfig())
+    for step in (4, 8):
+        ckpt.save_checkpoint(root, step, model, optimizer, {"step": step, "tokens": step}, {"step": step})
+    return root / "step-00000004", root / "step-00000008"
 
 
-def _resume_and_capture(make_config, capsys):
-    result = trainer.train(make_config("--checkpoint.every", "4", "--checkpoint.resume", "auto"))
-    return result, capsys.readouterr().err
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker"])
-def test_damaged_newest_checkpoint_is_skipped(two_checkpoints, make_config, capsys, damage):
-    newest = Path(two_checkpoints.run.out_dir) / "checkpoints" / "step-00000008"
-    shard = next((newest / "dcp").glob("*.distcp"))
+def _damage(folder, damage: str) -> None:
+    shard = next((folder / "dcp").glob("*.distcp"))
     if damage == "truncate":
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     elif damage == "flip":
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
+    elif damage == "no_marker":
+        (folder / ckpt.MARKER).unlink()
     else:
-        (newest / ckpt.MARKER).unlink()
+        (folder / "rank-0.json").unlink()
+
+
+@pytest.mark.parametrize("damage, reason", [("truncate", "truncated"), ("flip", "corrupt (SHA-256 mismatch)"),
+                                            ("no_marker", "no COMPLETE marker"), ("missing", "is missing")])
+def test_damaged_newest_checkpoint_is_skipped_with_a_message(tmp_path, damage, reason):
+    older, newest = _save_two(tmp_path)
+    _damage(newest, damage)
+    messages = []
+    assert ckpt.find_resumable(tmp_path, log=messages.append) == [older]
+    assert len(messages) == 1 and messages[0].startswith("skipping checkpoint step-00000008") and reason in messages[0]
+
+
+@pytest.mark.slow
+def test_resume_auto_falls_back_to_the_previous_checkpoint(make_config, capsys):
+    cfg = make_config("--checkpoint.every", "4")
+    trainer.train(cfg)
+    assert checkpoints(cfg) == ["step-00000008", "step-00000004"]
+    _damage(Path(cfg.run.out_dir) / "checkpoints" / "step-00000008", "truncate")
     capsys.readouterr()
-    result, err = _resume_and_capture(make_config, capsys)
-    reason = {"truncate": "truncated", "flip": "corrupt", "no_marker": "no COMPLETE marker"}[damage]
-    assert "skipping checkpoint step-00000008" in err and reason in err
-    assert "resumed from" in err and "step 4" in err
+    result = trainer.train(make_config("--checkpoint.every", "4", "--checkpoint.resume", "auto"))
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step-00000008" in err and "truncated" in err
+    assert "resumed from" in err and "(step 4," in err
     assert result.steps == 8  # trained steps 5..8 again from the step-4 checkpoint
+    assert checkpoints(cfg) == ["step-00000008", "step-00000004"]  # the damaged one was replaced
 
 
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
