@@ -17,11 +17,7 @@ LLAMA_VOCAB = ("tokenizers", "llama", "ggml-vocab-llama-spm.gguf")
 
 
 def fields(path) -> dict:
-    return reader_fields(gguf.GGUFReader(path))
-
-
-def reader_fields(reader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
 
 
 _CACHE: dict = {}
@@ -73,21 +69,31 @@ def test_f16_and_q8_0(tmp_path, stories):
         assert (v - ref[k]).abs().max() <= 0.6 * step, k
 
 
+def kv_bytes(reader, key: str) -> bytes:
+    """The serialised key/value entry (key, type, value) of ``key`` as it lies in the file."""
+    field = reader.fields[key]
+    return bytes(reader.data[field.offset: field.offset + sum(p.nbytes for p in field.parts)])
+
+
 @pytest.mark.slow
 def test_tokenizer_metadata_matches_llama_cpp_file(tmp_path, shared, llama_vocab):
-    """Our tokenizer.ggml.* for Meta's tokenizer equals llama.cpp's own ggml-vocab-llama-spm.gguf."""
-    reference = reader_fields(llama_vocab)
+    """Our tokenizer.ggml.* for Meta's tokenizer are, byte for byte, the entries of llama.cpp's own
+    ggml-vocab-llama-spm.gguf (found in our file by substring: re-parsing 32000 strings takes seconds)."""
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, multiple_of=32, max_seq_len=64,
                      norm_eps=1e-5)
-    native = save_pretrained(tmp_path / "n", build_model(args, seed=0),
-                             tokenizer_path=shared("tokenizers", "llama", "tokenizer.model"))
-    ours = fields(export_gguf(native, tmp_path / "m.gguf"))
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
-                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "llama.vocab_size"):
-        assert ours[key] == reference[key], key
-    assert ours["tokenizer.ggml.scores"] == pytest.approx(reference["tokenizer.ggml.scores"])
-    assert set(reference) <= set(ours) | {"general.name"}
+    model = build_model(args, init=False)  # the weights do not matter here
+    for p in model.parameters():
+        p.data.zero_()
+    native = save_pretrained(tmp_path / "n", model, tokenizer_path=shared("tokenizers", "llama", "tokenizer.model"))
+    ours = export_gguf(native, tmp_path / "m.gguf").read_bytes()
+    for key in ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.ggml.add_eos_token", "llama.vocab_size", "llama.attention.layer_norm_rms_epsilon"):
+        assert kv_bytes(llama_vocab, key) in ours, key
+    for key in llama_vocab.fields:  # every key llama.cpp wrote, we write too
+        if not key.startswith("GGUF."):
+            assert key.encode() in ours, key
 
 
 def test_tokenizer_from_llama_cpp_file_encodes_like_meta(tmp_path, shared, llama_vocab):
