@@ -68,7 +68,6 @@ def test_meta_tokenizer_through_hf_export(tmp_path, shared):
         assert theirs(text)["input_ids"] == want, text
 
 
-@pytest.mark.slow
 def test_sharded_export_with_index(tmp_path, native_dir):
     hf_dir = export_hf(native_dir, tmp_path / "hf", max_shard_size="100KB")
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
@@ -85,7 +84,8 @@ def test_sharded_export_with_index(tmp_path, native_dir):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_import_transformers_checkpoint(tmp_path, tied):
-    """A checkpoint saved by transformers itself (GQA; tied embeddings have no lm_head in the file)."""
+    """A checkpoint saved by transformers itself (GQA; tied embeddings have no lm_head in the file;
+    the tied one is also sharded by transformers, with its index)."""
     cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2,
                                    num_attention_heads=6, num_key_value_heads=3, vocab_size=300,
                                    max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tied)
@@ -95,7 +95,8 @@ def test_import_transformers_checkpoint(tmp_path, tied):
         for name, p in theirs.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    theirs.save_pretrained(tmp_path / "hf")
+    theirs.save_pretrained(tmp_path / "hf", max_shard_size="60KB" if tied else "5GB")  # tied: also sharded
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == tied
     out = import_hf(tmp_path / "hf", tmp_path / "native")
     ours, args, _ = load_model(out)
     assert args.kv_heads == 3 and args.ffn_hidden_dim == 136
@@ -123,3 +124,14 @@ def test_random_native_helper_uses_gqa(tmp_path, shared):
     """Guard: the fixture really exercises grouped-query attention and a multiplier FFN."""
     _, args, _ = load_model(random_native(tmp_path / "n", shared))
     assert args.kv_heads < args.n_heads and args.ffn_dim_multiplier is not None
+
+
+def test_refuses_other_architectures(tmp_path, native_dir):
+    hf_dir = export_hf(native_dir, tmp_path / "hf")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"config.json: architectures \['MistralForCausalLM'\] is not LlamaForCausalLM"):
+        import_hf(hf_dir, tmp_path / "back")
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}))
+    with pytest.raises(ValueError, match="rope scaling"):
+        import_hf(hf_dir, tmp_path / "back")
