@@ -11,10 +11,8 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from llamalab.model import ModelArgs, build_model
-from llamalab.parallel.checkpoint import state_module
 from llamalab.parallel.mesh import ParallelDims
-from llamalab.parallel.parallelize import loss_parallel_context, parallelize_model
-from llamalab.parallel.pipeline import build_pipeline
+from llamalab.parallel.runtime import ParallelRun
 
 ARGS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, norm_eps=1e-5,
             max_seq_len=64)
@@ -43,63 +41,44 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def run_layout(layout: dict, *, steps: int, optim: str = "sgd", mixed_precision: str | None = None,
                start_step: int = 0, load_from: str | None = None, save_to: str | None = None,
                init_seed: int = SEED) -> dict:
-    """Train ``steps`` steps under ``layout`` (keys of ParallelDims plus ``schedule``/``microbatches``);
-    with no process group it is the one-process reference. Returns losses, params and last gradients."""
+    """Train ``steps`` steps under ``layout`` (keys of ParallelDims plus ``schedule``, ``microbatches``, ``ac``,
+    ``compile`` and ``meta``: build on the meta device and fill from rank 0) through ``ParallelRun``; with no
+    process group it is the one-process reference. Returns losses, full params and last gradients."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    model = build_model(ModelArgs(**ARGS), seed=init_seed)
+    if layout.get("meta"):
+        model = build_model(ModelArgs(**ARGS), device="meta", init=False)
+    else:
+        model = build_model(ModelArgs(**ARGS), seed=init_seed)
     dims = ParallelDims(**{k: layout.get(k, 1) for k in ("dp_replicate", "dp_shard", "tp", "pp")},
                         world_size=world)
     mesh = dims.build_mesh("cpu") if world > 1 else None
-
-    def parallelize(m):
-        return parallelize_model(m, mesh, dims, ac_mode=layout.get("ac", "none"), compile=layout.get("compile", False),
-                                 mixed_precision=mixed_precision)
-
-    pipeline = None
-    if dims.pp_enabled:
-        pipeline = build_pipeline(model, mesh["pp"], schedule=layout.get("schedule", "1F1B"),
-                                  microbatches=layout.get("microbatches", 2), loss_fn=loss_fn,
-                                  device=torch.device("cpu"), parallelize=parallelize)
-        parts = pipeline.parts
-    else:
-        parts = [parallelize(model)]
-    view = state_module(parts)
-    optimizer = make_optimizer(view.parameters(), optim)
+    run = ParallelRun.setup(model, dims, mesh, device=torch.device("cpu"), loss_fn=loss_fn,
+                            ac_mode=layout.get("ac", "none"), compile=layout.get("compile", False),
+                            precision=mixed_precision or "fp32", pp_schedule=layout.get("schedule", "1F1B"),
+                            pp_microbatches=layout.get("microbatches", 2), seed=init_seed)
+    optimizer = make_optimizer(run.module.parameters(), optim)
     if load_from is not None:
         import torch.distributed.checkpoint as dcp
 
-        msd, osd = get_state_dict(view, optimizer)
+        msd, osd = get_state_dict(run.module, optimizer)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=load_from)
-        set_state_dict(view, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(run.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
-    dp_rank, dp = dims.dp_rank(), dims.dp
     losses = []
     for step in range(start_step, start_step + steps):
-        batch = global_batch(step)
-        local = batch.chunk(dp)[dp_rank]
-        inputs, targets = local[:, :-1], local[:, 1:]
+        local = global_batch(step).chunk(dims.dp)[dims.dp_rank()]
         optimizer.zero_grad()
-        with loss_parallel_context(dims):
-            if pipeline is not None:
-                loss = pipeline.step(inputs, targets)
-            else:
-                loss = loss_fn(parts[0](inputs), targets)
-                loss.backward()
-        loss = _full(loss)
-        if world > 1:
-            dist.all_reduce(loss)  # equal on tp/pp peers, so the mean over all ranks is the mean over dp
-            loss /= world
-        losses.append(loss.item())
+        losses.append(run.mean_over_ranks(run.forward_backward(local)).item())
         optimizer.step()
     if save_to is not None:
         import torch.distributed.checkpoint as dcp
 
-        msd, osd = get_state_dict(view, optimizer)
+        msd, osd = get_state_dict(run.module, optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=save_to)
-    params = {n: _full(p) for n, p in view.named_parameters()}
-    grads = {n: _full(p.grad) for n, p in view.named_parameters()}
-    del view, parts, model, optimizer, pipeline
+    params = {n: _full(p) for n, p in run.module.named_parameters()}
+    grads = {n: _full(p.grad) for n, p in run.module.named_parameters()}
+    del run, model, optimizer
     gc.collect()
     return {"losses": losses, "params": params, "grads": grads}
 
