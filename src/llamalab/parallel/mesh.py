@@ -8,11 +8,8 @@ dimensions included), so every consumer slices the same names whatever the layou
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -112,34 +109,3 @@ class ParallelDims:
         """This rank's index among the data-parallel ranks (after ``build_mesh``; 0 without a mesh)."""
         mesh = getattr(self, "dp_mesh", None)
         return 0 if mesh is None else mesh.get_local_rank()
-
-
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (nccl on GPUs, gloo on CPU); returns (rank, world, device).
-
-    Without torchrun's environment this is a single process and no group is created.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type() == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return rank, world_size, device
-
-
-def destroy_distributed() -> None:
-    """Tear the group down cleanly; call after dropping model/optimizer references and ``gc.collect()``
-    (otherwise gloo processes abort at exit about one run in three on torch 2.13)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

@@ -144,16 +144,3 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> None:
 def loss_parallel_context(dims: ParallelDims | None):
     """The context the loss (forward and backward) must run in: vocabulary-parallel cross entropy under TP."""
     return loss_parallel() if dims is not None and dims.tp_enabled else contextlib.nullcontext()
-
-
-def clip_grad_norm_(parameters, max_norm: float, foreach: bool | None = True) -> torch.Tensor:
-    """Gradient clipping that works on DTensor (FSDP/TP) gradients; returns the total norm as a plain tensor.
-
-    ``torch.nn.utils.clip_grad_norm_`` already handles DTensors whose placements share one mesh; the norm comes
-    back as a DTensor, which this materialises so callers can log it.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
-    return total
