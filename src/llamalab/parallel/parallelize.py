@@ -7,8 +7,9 @@
    prefetching (``dp_shard``, HSDP with ``dp_replicate``), or DDP through composable ``replicate`` when
    ``dp_replicate`` is the only data parallelism.
 
-The model must be fully initialised (same seed on every rank) before this runs: each step only slices or wraps
-the existing full tensors, so every layout starts from the same weights as one process.
+Each step only slices or wraps the existing tensors, so the model must either be fully initialised with the
+same seed on every rank before this runs, or be built on the meta device and filled with rank 0's full weights
+afterwards (``ParallelRun.materialize``); either way every layout starts from the weights one process would.
 """
 
 from __future__ import annotations
