@@ -50,15 +50,15 @@ def setup(tmp_path_factory, request):
     export_hf(tmp / "native", tmp / "hf")
 
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     hf = HFLM(pretrained=str(tmp / "hf"), dtype="float32", batch_size=8, device="cpu")
     names = write_lm_eval_tasks(data_dir, tmp / "yamls")
-    out = lm_eval.simple_evaluate(model=hf, tasks=list(names.values()), limit=LIMIT, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp / "yamls")))
+    tasks = get_task_dict(list(names.values()), TaskManager(include_path=str(tmp / "yamls")))
+    out = lm_eval.simple_evaluate(model=hf, tasks=list(tasks.values()), limit=LIMIT, log_samples=True)
     tokenizer = Tokenizer(tmp / "native" / "tokenizer.model")
     ours = evaluate_tasks(Evaluator(model, tokenizer, batch_size=16, progress=False), list(TASKS), data_dir, LIMIT)
-    return {"hf": hf, "names": names, "samples": out["samples"], "ours": ours, "tokenizer": tokenizer,
+    return {"hf": hf, "names": names, "tasks": tasks, "samples": out["samples"], "ours": ours, "tokenizer": tokenizer,
             "data_dir": data_dir, "native": tmp / "native"}
 
 
@@ -73,6 +73,25 @@ def test_same_loglikelihoods_and_choices(setup, task):
         assert mine["loglikelihoods"] == pytest.approx(theirs, abs=1e-4, rel=0), f"{task} item {mine['index']}"
         assert mine["correct"]["acc"] == s["acc"], f"{task} item {mine['index']}: acc"
         assert mine["correct"]["acc_norm"] == s["acc_norm"], f"{task} item {mine['index']}: acc_norm"
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_prompts_equal_lm_eval_requests(setup, task):
+    """lm-eval's own task objects (its yamls on the local files) build the same (context, continuation) requests,
+    choices and gold labels, for the first 200 items."""
+    lm_task = setup["tasks"][setup["names"][task]]
+    lm_task.build_all_requests(limit=200, rank=0, world_size=1)
+    by_doc: dict[int, list] = {}
+    for inst in lm_task.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    items = load_task(task, setup["data_dir"], limit=200)
+    assert len(items) == len(by_doc) == 200
+    for it in items:
+        insts = sorted(by_doc[it.index], key=lambda i: i.idx)
+        assert [i.args for i in insts] == list(zip(it.contexts, it.continuations)), f"{task} #{it.index}"
+        doc = insts[0].doc
+        gold = lm_task.doc_to_text(doc) if lm_task.multiple_input else lm_task.doc_to_target(doc)
+        assert gold == it.gold and lm_task.doc_to_choice(doc) == it.choices
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -95,7 +114,7 @@ def test_rolling_and_generation_match_hf_backend(setup):
     assert max(len(setup["tokenizer"].encode(t)) for t in texts) > 256
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     assert ours.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
-        setup["hf"].loglikelihood_rolling(rolling, disable_tqdm=True), abs=1e-4, rel=0)
+        setup["hf"].loglikelihood_rolling(rolling, disable_tqdm=True), rel=1e-6)  # sums over ~1000 tokens
 
     prompts = [item.contexts[0] for item in load_task("piqa", setup["data_dir"], limit=3)]
     gen = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
