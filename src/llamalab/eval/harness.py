@@ -82,13 +82,16 @@ class _RecordKV:
 
 
 class _PrefixKV:
-    """Prepends each row's prefix keys/values (gathered from a ``_RecordKV``) to the new tokens' ones."""
+    """Prepends each row's prefix keys/values (gathered from a ``_RecordKV``) to the new tokens' ones.
+
+    The gather happens inside ``update``, so only one layer's per-row copies exist at a time."""
 
     def __init__(self, record: _RecordKV, rows: torch.Tensor):
-        self.k, self.v = record.k[rows], record.v[rows]
+        self.record, self.rows = record, rows
 
     def update(self, input_pos, k, v):
-        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return (torch.cat([self.record.k[self.rows], k], dim=2),
+                torch.cat([self.record.v[self.rows], v], dim=2))
 
 
 def _hidden(model, tokens: torch.Tensor, input_pos=None, caches=None, mask=None) -> torch.Tensor:
