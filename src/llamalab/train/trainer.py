@@ -269,7 +269,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
             if cfg.checkpoint.resume == "auto":
                 _log(f"no complete checkpoint under {ckpt_root}: starting from scratch", world)
 
-    start_tokens = tokens
+    start_tokens, start_step = tokens, step
     flops_per_token = training_flops_per_token(args, seq_len)
     if cfg.logging.peak_tflops:
         peak = cfg.logging.peak_tflops * 1e12
@@ -353,6 +353,9 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
                 log.log(record)
                 window_tokens, window_start = 0, now
             if bar is not None:
+                if time_budget and n_steps >= 10**12:  # timed run: the ETA comes from the time left
+                    per_step = (train_seconds() - elapsed_before) / max(1, step - start_step)
+                    bar.total = step + max(0, int((time_budget - train_seconds()) / max(per_step, 1e-9)))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                                 mfu=f"{100 * mfu:.1f}%", refresh=False)
