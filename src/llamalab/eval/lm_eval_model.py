@@ -69,7 +69,8 @@ class LlamalabLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with ``do_sample``) generation until one of ``until``, like lm-eval's ``hf``:
-        the context is cut on the left to leave room for ``max_gen_toks`` new tokens."""
+        the context is cut on the left to leave room for ``max_gen_toks`` new tokens, and the text is what the
+        new tokens decode to on their own (no leading space)."""
         from ..generate import generate
 
         tok = self.pretrained.tokenizer
@@ -87,6 +88,8 @@ class LlamalabLM(LM):
             text = generate(model, tok, [ids], max_new_tokens=max_new, temperature=temperature,
                             top_k=kwargs.pop("top_k", None), top_p=kwargs.pop("top_p", None),
                             seed=kwargs.pop("seed", None), stop=[s for s in until if s])[0]
+            # lm-eval's hf backend decodes the new tokens on their own, which drops SentencePiece's leading space
+            text = text[1:] if text.startswith(" ") else text
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
         return out
