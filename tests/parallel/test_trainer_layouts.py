@@ -81,11 +81,12 @@ def test_trainer_resumes_fsdp_checkpoint_under_tp(runs):
 
 
 def test_export_native_from_a_training_checkpoint(runs, tmp_path):
-    """A sharded training checkpoint folder exports to the same weights as the run's own final model, with the
-    shape read from its trainer_state.json."""
-    from llamalab.parallel.checkpoint import export_native
+    """`llamalab convert` detects a sharded training checkpoint folder and exports the same weights as the
+    run's own final model, with the shape read from its trainer_state.json."""
+    from llamalab.cli import main
 
-    out = export_native(runs["tmp"] / "fsdp" / "checkpoints" / "step-00000004", tmp_path / "native")
+    out = tmp_path / "native"
+    assert main(["convert", str(runs["tmp"] / "fsdp" / "checkpoints" / "step-00000004"), str(out), "--to", "native"]) == 0
     exported, _, _ = load_model(out)
     final, _, _ = load_model(runs["fsdp"]["final_dir"])
     for (name, a), (_, b) in zip(exported.state_dict().items(), final.state_dict().items(), strict=True):

@@ -25,16 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "  llamalab convert stories260K.bin out/stories --to native --tokenizer tok512.bin\n"
                                     "  llamalab convert out/stories out/stories-hf --to hf\n"
                                     "  llamalab convert llama-13b/ out/13b --to native --dtype bf16\n"
-                                    "  llamalab convert out/stories stories.gguf --to gguf --dtype q8_0"))
+                                    "  llamalab convert out/stories stories.gguf --to gguf --dtype q8_0\n"
+                                    "  llamalab convert runs/x/checkpoints/step-00001000 out/x --to native  # any layout"))
     p.add_argument("src", help="checkpoint to read (folder or file)")
     p.add_argument("dst", help="folder (native, hf, meta) or file (llama2c .bin, .gguf) to write")
-    p.add_argument("--to", required=True, choices=FORMATS, help="format to write")
+    p.add_argument("--to", required=True, choices=[f for f in FORMATS if f != "dcp"], help="format to write")
     p.add_argument("--from", dest="src_format", choices=FORMATS, help="source format (default: detected)")
     p.add_argument("--dtype", help=DTYPE_HELP)
     p.add_argument("--shards", type=int, default=1, help="meta: number of model-parallel files (default 1)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help=f"hf: split model.safetensors above this (default {DEFAULT_MAX_SHARD_SIZE})")
-    p.add_argument("--tokenizer", help="llama2c/meta source: tok*.bin or SentencePiece .model (default: beside it)")
+    p.add_argument("--tokenizer", help="llama2c/meta/dcp source: tok*.bin or SentencePiece .model (llama2c: default beside it)")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="meta source: context length to record (params.json has none; default 2048)")
     return p
@@ -56,6 +57,10 @@ def to_native(src: Path, fmt: str, out: Path, args) -> Path:
         from ..convert.llama2c import import_llama2c
 
         return import_llama2c(src, out, tokenizer=args.tokenizer, dtype=dtype)
+    if fmt == "dcp":
+        from ..parallel.checkpoint import export_native
+
+        return export_native(src, out, tokenizer_path=args.tokenizer, dtype=dtype)
     if fmt == "gguf":
         from ..convert.gguf import import_gguf
 

@@ -6,7 +6,7 @@ import json
 import struct
 from pathlib import Path
 
-FORMATS = ("native", "hf", "meta", "llama2c", "gguf")
+FORMATS = ("native", "hf", "meta", "llama2c", "gguf", "dcp")
 
 
 def detect_format(path: str | Path) -> str:
@@ -17,6 +17,8 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
             return "meta"
+        if (path / ".metadata").is_file() or (path / "dcp" / ".metadata").is_file():
+            return "dcp"  # a torch.distributed.checkpoint folder, or a training checkpoint step-N/ holding one
         config = path / "config.json"
         if config.is_file():
             try:
