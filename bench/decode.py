@@ -104,8 +104,11 @@ class LlamaCpp(Engine):
         return out
 
 
-def random_checkpoint(shape: str, folder: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+def random_checkpoint(shape: str, folder: Path, new_tokens: int, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    """The preset with random weights; its context is widened when the prompt plus new tokens need more."""
     args = preset_args(shape)
+    if len(PROMPT) + new_tokens > args.max_seq_len:
+        args = preset_args(shape, max_seq_len=64 * -(-(len(PROMPT) + new_tokens) // 64))
     model = build_model(args, seed=seed).eval()
     tokenizer = LLAMA_TOKENIZER if LLAMA_TOKENIZER.is_file() and args.vocab_size == 32000 else None
     path = save_pretrained(folder / shape, model, tokenizer_path=tokenizer)
@@ -152,7 +155,7 @@ PEERS = {  # llamalab variant -> the peers it is compared with
 
 
 def bench_shape(shape: str, opts, tmp: Path) -> None:
-    model, ckpt = random_checkpoint(shape, tmp)
+    model, ckpt = random_checkpoint(shape, tmp, opts.new_tokens)
     engines = make_engines(shape, model, ckpt, tmp, set(opts.engines.split(",")), opts.threads,
                            n_ctx=len(PROMPT) + opts.new_tokens + 8)
     print(f"\n## {shape} (dim {model.args.dim}, {model.args.n_layers} layers, vocab {model.args.vocab_size}): "
@@ -176,7 +179,7 @@ def bench_shape(shape: str, opts, tmp: Path) -> None:
 
 
 def bench_batches(shape: str, opts, tmp: Path) -> None:
-    model, _ = random_checkpoint(shape, tmp)
+    model, _ = random_checkpoint(shape, tmp, opts.new_tokens)
     sizes = [int(b) for b in opts.batch_sizes.split(",")]
     print(f"\n## {shape}: llamalab batched greedy decode, {opts.new_tokens} new tokens per row, median of {opts.repeats}")
     print(f"{'dtype':<6} {'batch':>5} {'tok/s (all rows)':>17}")
