@@ -30,8 +30,13 @@ def test_schedule_warmup_peak_cosine_floor():
 
 def test_time_bounded_schedule_follows_the_clock():
     sched = Schedule(1.0, ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1), 10**12)
-    assert sched.lr(50, time_fraction=0.5) == pytest.approx(0.55)
-    assert sched.lr(50, time_fraction=1.0) == pytest.approx(0.1)
+    assert sched.lr(5, time_fraction=0.2) == pytest.approx(0.6)  # warmup counts steps
+    assert sched.lr(10, time_fraction=0.5) == pytest.approx(1.0)  # warmup ended half way: the cosine starts here
+    assert sched.lr(50, time_fraction=0.75) == pytest.approx(0.55)  # half way through the remaining time
+    assert sched.lr(90, time_fraction=1.0) == pytest.approx(0.1)  # the floor when the budget is spent
+    resumed = Schedule(1.0, ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1), 10**12)
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.lr(50, time_fraction=0.75) == pytest.approx(0.55)
 
 
 def _tiny_model():

@@ -56,17 +56,26 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr
 
 
 class Schedule:
-    """Holds what ``lr_at`` needs and applies the value to an optimizer's groups."""
+    """Holds what ``lr_at`` needs and applies the value to an optimizer's groups.
+
+    A time-bounded run passes ``time_fraction`` (0..1 of the budget used): the cosine then starts where warmup
+    ended, at whatever time that was, and reaches its floor when the budget is spent (or at ``total_steps``,
+    whichever comes first).
+    """
 
     def __init__(self, peak_lr: float, cfg: ScheduleConfig, total_steps: int):
         self.peak_lr, self.warmup_steps, self.min_lr_ratio = peak_lr, cfg.warmup_steps, cfg.min_lr_ratio
         self.total_steps = total_steps
+        self.decay_start_time: float | None = None  # time fraction at the end of warmup (timed runs)
 
     def lr(self, step: int, time_fraction: float | None = None) -> float:
         progress = None
-        if time_fraction is not None:  # timed run: decay by whichever is further along, steps or time
-            step_fraction = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            progress = max(step_fraction, time_fraction)
+        if time_fraction is not None and step >= self.warmup_steps:
+            if self.decay_start_time is None:
+                self.decay_start_time = min(time_fraction, 0.999)
+            time_progress = (time_fraction - self.decay_start_time) / (1.0 - self.decay_start_time)
+            step_progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            progress = max(step_progress, time_progress)
         return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr_ratio, progress)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int, time_fraction: float | None = None) -> float:
@@ -77,7 +86,11 @@ class Schedule:
 
     def state_dict(self) -> dict:
         return {"peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps, "min_lr_ratio": self.min_lr_ratio,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "decay_start_time": self.decay_start_time}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Only the run's progress is restored; peak, warmup and length come from the (possibly new) config."""
+        self.decay_start_time = state.get("decay_start_time")
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

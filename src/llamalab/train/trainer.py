@@ -261,6 +261,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
             if loader_state is not None:
                 loader.load_state_dict(loader_state)
             step, tokens = state["step"], state["tokens"]
+            schedule.load_state_dict(state.get("schedule", {}))
             skipped, elapsed_before = state.get("skipped_steps", 0), state.get("train_seconds", 0.0)
             last_ckpt = folder
             _log(f"resumed from {folder} (step {step}, {tokens:,} tokens)", world)
