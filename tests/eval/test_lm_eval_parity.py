@@ -110,12 +110,19 @@ def test_same_token_ids_as_lm_eval_hf(setup, task):
             assert hf._encode_pair(context, continuation) == encode_pair(tok, context, continuation)
 
 
-def test_rolling_and_generation_match_hf_backend(setup):
+def test_lm_eval_model_class_matches_hf_backend(setup):
+    """``LlamalabLM`` (``--model llamalab``): loglikelihood, loglikelihood_rolling and generate_until."""
     from lm_eval.api.instance import Instance
 
     import llamalab.eval.lm_eval_model as lm_eval_model
 
     ours = lm_eval_model.LlamalabLM(checkpoint=str(setup["native"]), batch_size=8)
+    pairs = [(c, x) for it in load_task("winogrande", setup["data_dir"], limit=5) + load_task(
+        "arc_easy", setup["data_dir"], limit=5) for c, x in zip(it.contexts, it.continuations)]
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    mine, theirs = ours.loglikelihood(requests, disable_tqdm=True), setup["hf"].loglikelihood(requests, True)
+    assert [ll for ll, _ in mine] == pytest.approx([ll for ll, _ in theirs], abs=1e-4, rel=0)
+    assert [g for _, g in mine] == [g for _, g in theirs]
     texts = [item.contexts[0] for item in load_task("boolq", setup["data_dir"], limit=3)]  # > 256 tokens
     assert max(len(setup["tokenizer"].encode(t)) for t in texts) > 256
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
