@@ -58,6 +58,13 @@ def test_train_command_writes_metrics_events_plot_and_model(tmp_path, prepared, 
     assert json.loads((run / "config.json").read_text())["optimizer"]["lr"] == 2e-3
     assert "6/6" in err  # the progress bar ran to the end
 
+    # A fresh start in the same folder replaces the old run instead of mixing with it.
+    assert train_cmd.main([config, "--length.steps", "2", "--checkpoint.every", "0"]) == 0
+    assert "removing the previous run's metrics.jsonl, tensorboard, checkpoints" in capsys.readouterr().err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+
 
 def test_train_command_config_error_names_the_key(tmp_path, prepared, capsys):
     config = _write_config(tmp_path, prepared)

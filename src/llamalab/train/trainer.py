@@ -184,6 +184,19 @@ def evaluate(model, validation, cfg: Config, device: torch.device, run=None) -> 
     return {"loss": loss, "bpb": per_byte / math.log(2), "loss_per_byte": per_byte}
 
 
+def clear_previous_run(out_dir: Path, world: Distributed) -> None:
+    """A fresh start in a used ``out_dir``: drop the old run's metrics, events and checkpoints, so the plot and
+    ``--resume auto`` never mix two runs (and the old, higher-numbered checkpoints are not kept over new ones)."""
+    import shutil
+
+    old = [p for p in (out_dir / "metrics.jsonl", out_dir / "tensorboard", out_dir / "checkpoints") if p.exists()]
+    if old:
+        _log(f"starting from scratch in {out_dir}: removing the previous run's "
+             + ", ".join(p.name for p in old) + " (use --resume auto to continue it instead)", world)
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def _log(msg: str, world: Distributed) -> None:
     if world.is_main:
         print(msg, file=sys.stderr, flush=True)
@@ -276,6 +289,8 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
         peak = cfg.logging.peak_tflops * 1e12
     else:
         peak = measure_peak_flops(torch.bfloat16 if cfg.precision.mode == "bf16" else torch.float32, device)
+    if not cfg.checkpoint.resume and world.is_main:
+        clear_previous_run(out_dir, world)
     log = MetricsLog(out_dir, cfg.logging.tensorboard, enabled=world.is_main)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
