@@ -400,6 +400,11 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
     finally:
         if bar is not None:
             bar.close()
+    if window_tokens and step > start_step:  # a timed run stopped between two records: log its last step
+        now = time.perf_counter()
+        tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+        mfu = tokens_per_s * flops_per_token / (peak * world.world_size)
+        log.log({**record, "tokens_per_s": tokens_per_s, "mfu": mfu, "train_seconds": train_seconds()})
 
     if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(step):
         last_ckpt = save()
