@@ -72,3 +72,15 @@ def test_train_command_config_error_names_the_key(tmp_path, prepared, capsys):
     assert "optimizer.learning_rate: unknown key" in capsys.readouterr().err
     assert train_cmd.main([config, "--batch.micro_batch", "four"]) == 2
     assert "batch.micro_batch: expected an integer, got 'four'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_time_bounded_run_stops_on_time(tmp_path, prepared, capsys):
+    config = _write_config(tmp_path, prepared)
+    assert train_cmd.main([config, "--length.steps", "0", "--length.max_minutes", "0.03", "--logging.every", "1000",
+                           "--logging.progress", "false"]) == 0
+    assert "time budget of 0.03 min reached at step" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert len(train_records) == 1 and train_records[0]["step"] >= 1  # the last step is logged
+    assert train_records[0]["train_seconds"] >= 0.03 * 60 * 0.9
