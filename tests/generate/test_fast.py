@@ -105,3 +105,14 @@ def test_int8_generation_close_to_fp32(tiny_args):
     got = generate_tokens(quantize_int8(copy_model(model)), PROMPTS, max_new_tokens=8)
     agree = sum(a == b for r, g in zip(ref, got) for a, b in zip(r, g))
     assert agree >= 0.9 * sum(map(len, ref))
+
+
+@pytest.mark.parametrize("in_features", [172, 288])
+def test_int8_linear_any_width_and_unaligned_input(in_features):
+    """stories260K's 172-wide w2 and inputs that are views at odd offsets give the dequantized product."""
+    lin = torch.nn.Linear(in_features, 40, bias=False).to(torch.bfloat16)
+    q = Int8Linear.from_linear(lin)
+    buf = torch.randn(3 * in_features + 1, dtype=torch.bfloat16)
+    x = buf[1:].view(3, in_features)  # starts 2 bytes into the storage
+    ref = x.float() @ (q.weight.float() * q.scales.float()[:, None]).T
+    torch.testing.assert_close(q(x).float(), ref, rtol=2e-2, atol=2e-2)
