@@ -31,7 +31,7 @@ def test_line_dedup_drops_lines_seen_before():
 
 @pytest.fixture(scope="module")
 def book_words():
-    from conftest import shared_path
+    from shared_data import shared_path
 
     return shared_path("raw", "books", "nltk_gutenberg", "austen-emma.txt").read_text(encoding="utf-8").split()
 

@@ -20,7 +20,7 @@ UNICODE_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blac
 
 @pytest.fixture(scope="module")
 def meta():
-    from conftest import shared_path
+    from shared_data import shared_path
 
     return Tokenizer(shared_path("tokenizers", "llama", "tokenizer.model"))
 
@@ -63,7 +63,7 @@ def test_meta_roundtrip_random_unicode(meta, text):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny tokenizer trained on a mixture: Wikipedia summaries, CPython code and a Gutenberg book."""
-    from conftest import shared_path
+    from shared_data import shared_path
 
     raw = shared_path("raw")
     sources = {

@@ -20,9 +20,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from conftest import shared_path
     from llamalab.checkpoint import save_pretrained
     from llamalab.model import build_model, preset_args
+    from shared_data import shared_path
 
     tok = shared_path("weights", "stories260K", "tok512.reconstructed.model")
     folder = tmp_path_factory.mktemp("ck") / "tiny"

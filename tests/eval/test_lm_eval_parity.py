@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, request):
-    from conftest import shared_path
     from llamalab.checkpoint import save_pretrained
     from llamalab.convert.hf import export_hf
     from llamalab.model import ModelArgs, build_model
     from llamalab.tokenizer import Tokenizer
+    from shared_data import shared_path
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread avoids OpenMP stalls on a loaded machine

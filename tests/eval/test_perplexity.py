@@ -25,8 +25,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup():
-    from conftest import shared_path
     from llamalab.tokenizer import Tokenizer
+    from shared_data import shared_path
 
     tok = Tokenizer(shared_path("weights", "stories260K", "tok512.reconstructed.model"))
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=64)
