@@ -7,7 +7,9 @@ import torch
 
 from shared_data import shared_path
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# The test models are tiny: their time is per-op overhead, and a second OpenMP thread only adds barrier waits
+# (10x slower when another process holds a core). Multi-process tests set their own threads.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

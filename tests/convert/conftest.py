@@ -26,12 +26,3 @@ def stories(shared, tmp_path_factory):
     return folder, _IMPORTED["stories"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second thread only adds OpenMP barriers (10x slower on a busy machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

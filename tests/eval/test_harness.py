@@ -10,16 +10,6 @@ import torch
 from llamalab.eval.harness import Scorer, TokenRequest, encode_pair, rolling_windows
 from llamalab.model import ModelArgs, build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls when other jobs load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, max_seq_len=48)
 
 

@@ -15,14 +15,6 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
         "foolishness, it was the epoch of belief, it was the epoch of incredulity. Ça va? ")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup():
     from llamalab.tokenizer import Tokenizer

@@ -49,12 +49,3 @@ def tiny_args():
     return make_tiny_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead; a second OpenMP thread only adds barrier waits on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
