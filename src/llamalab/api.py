@@ -27,14 +27,11 @@ class Pretrained:
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Pretrained:
     """Load a native llamalab checkpoint folder. Never unpickles: safetensors and JSON only."""
-    from .checkpoint import TOKENIZER_NAME, load_model
+    from .checkpoint import TOKENIZER_NAME, load_model, parse_dtype
     from .tokenizer import Tokenizer
 
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
     path = Path(path)
-    model, args, special = load_model(path, dtype=dtype, device=device)
+    model, args, special = load_model(path, dtype=parse_dtype(dtype), device=device)
     tok_path = path / TOKENIZER_NAME
     tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
     if tokenizer is not None:

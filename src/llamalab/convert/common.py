@@ -16,24 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import TOKENIZER_NAME, load_model, load_state_into, save_pretrained
+from ..checkpoint import TOKENIZER_NAME, load_model, load_state_into, parse_dtype, save_pretrained
 from ..model import ModelArgs, Transformer, build_model
 
-DTYPES = {
-    "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
-    "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
 @dataclass

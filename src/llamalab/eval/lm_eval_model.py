@@ -22,9 +22,6 @@ from tqdm.auto import tqdm
 
 from .harness import Evaluator
 
-_DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16",
-           "fp16": "fp16", "auto": None}
-
 
 @register_model("llamalab")
 class LlamalabLM(LM):
@@ -33,16 +30,14 @@ class LlamalabLM(LM):
     def __init__(self, checkpoint: str, dtype: str = "float32", batch_size: int | str = 32, device: str = "cpu",
                  max_length: int | None = None, max_gen_toks: int = 256, **_ignored):
         super().__init__()
-        import llamalab
-
-        if str(dtype) not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
         import torch
+
+        import llamalab
 
         device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda:0
             device = "cpu"
-        self.pretrained = llamalab.load(checkpoint, dtype=_DTYPES[str(dtype)], device=device)
+        self.pretrained = llamalab.load(checkpoint, dtype=None if dtype == "auto" else dtype, device=device)
         if self.pretrained.tokenizer is None:
             raise ValueError(f"{checkpoint}: no tokenizer.model; lm-eval needs a tokenizer")
         try:
