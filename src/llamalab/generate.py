@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference.quantize import Int8Linear, int8_linear
+from .model.llama import Attention, FeedForward
+
 __all__ = ["ContextLengthError", "Decoder", "KVCache", "generate", "generate_tokens", "sample_next"]
 
 
@@ -40,10 +43,14 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """``input_pos`` (batch, seq) positions; ``k``/``v`` (batch, kv_heads, seq, head_dim)."""
-        index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        """``input_pos`` (batch, seq) positions; ``k``/``v`` (batch, kv_heads, seq, head_dim).
+
+        Written as an indexed assignment (``index_put_``), which inductor updates in place; the equivalent
+        ``scatter_`` made it copy the whole cache in and out on every step (decode 3x slower in attention).
+        """
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # advanced indices first: (batch, seq, heads, dim)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
 
@@ -71,30 +78,46 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return order.gather(-1, choice).squeeze(-1)
 
 
-class RowLinear(nn.Module):
-    """A linear layer for one row at a time, written as multiply-and-sum.
+class StackedLinear(nn.Module):
+    """Bias-free linear layers that read the same input, run as one matrix product (outputs side by side).
 
-    Compiled, this is one vectorised pass over the bf16 weight with fp32 accumulation; torch's own bf16
-    matrix-vector product is far slower on CPUs without oneDNN's bf16 path (measured: decode 8.1 -> 6.0 ms per
-    token for ``stories15m`` on one core). Several rows fall back to ``F.linear``. Shares the weight.
+    Only for a frozen compiled step: there the stacked weight is a constant, built once at compile time, so
+    stacking q/k/v (and w1/w3) costs nothing per token and cuts 43 matrix calls per ``stories15m`` token to 25.
+    Works for ``nn.Linear`` and ``Int8Linear`` parts; shares their tensors.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, *parts: nn.Module):
         super().__init__()
-        self.weight = linear.weight
+        self.parts = nn.ModuleList(parts)
+        self.sizes = [part.weight.shape[0] for part in parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.shape[-1]:
-            return F.linear(x, self.weight)
-        return (x.float().unsqueeze(-2) * self.weight).sum(-1).to(x.dtype)
+        weight = torch.cat([part.weight for part in self.parts])
+        if isinstance(self.parts[0], Int8Linear):
+            return int8_linear(x, weight, torch.cat([part.scales for part in self.parts]))
+        return F.linear(x, weight)
+
+
+class _StackedAttention(Attention):
+    def project(self, x):
+        return self.wqkv(x).split(self.wqkv.sizes, dim=-1)
+
+
+class _StackedFeedForward(FeedForward):
+    def project(self, x):
+        return self.w13(x).split(self.w13.sizes, dim=-1)
 
 
 def decode_view(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` whose bf16 ``nn.Linear`` layers are ``RowLinear`` (same tensors, no copy)."""
-    if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16:
-        return RowLinear(module)
+    """A shallow copy of ``module`` for the compiled single-token step: q/k/v and w1/w3 stacked (no copy)."""
     clone = copy.copy(module)
     clone._modules = {name: None if child is None else decode_view(child) for name, child in module._modules.items()}
+    stacked = {Attention: (_StackedAttention, "wqkv", ("wq", "wk", "wv")),
+               FeedForward: (_StackedFeedForward, "w13", ("w1", "w3"))}.get(type(module))
+    if stacked is not None:
+        cls, name, parts = stacked
+        clone.__class__ = cls
+        clone._modules[name] = StackedLinear(*(module._modules[part] for part in parts))
     return clone
 
 
@@ -132,8 +155,8 @@ class Decoder:
 
     def _compile(self, fn):
         if self.device.type == "cuda":
-            return _CompiledStep(torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False))
-        return _CompiledStep(torch.compile(fn, fullgraph=True, dynamic=False))
+            return _CompiledStep(torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False), "cuda")
+        return _CompiledStep(torch.compile(fn, fullgraph=True, dynamic=False), self.device.type)
 
     def reset(self) -> None:
         for cache in self.caches:
@@ -207,21 +230,31 @@ class Decoder:
 class _CompiledStep:
     """A compiled step whose first call (the one that compiles) runs under the compile settings.
 
-    Inductor freezing (weights folded in as constants) is what makes a compiled CPU step pay. Every Decoder
-    compiles the same function for its own caches and weights, so dynamo may keep more than its default 8
-    versions of it. Later calls skip the settings: they cost time on every token.
+    Inductor freezing (weights folded in as constants) is what makes a compiled CPU step pay; on CPU the
+    matrix products are also autotuned against inductor's own C++ GEMM template, which at one row streams
+    the weights far faster than MKL here (fp32 ``stories15m`` decode 8.1 -> 4.2 ms/token with the stacked
+    projections and the in-place cache write). Every Decoder compiles the same function for its own caches and
+    weights, so dynamo may keep more than its default 8 versions of it.
+
+    Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
+    that tell the Decoders' versions apart run): the shapes of a Decoder never change, and the full check
+    cost ~0.3 ms per token.
     """
 
-    def __init__(self, fn):
-        self.fn, self.warm = fn, False
+    def __init__(self, fn, device_type: str):
+        self.fn, self.device_type, self.warm = fn, device_type, False
 
     def __call__(self, *args):
         if self.warm:
-            return self.fn(*args)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.fn(*args)
         import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True), \
+        settings = {"freezing": True}
+        if self.device_type == "cpu":
+            settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+        with inductor_config.patch(settings), \
                 dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
             out = self.fn(*args)
         self.warm = True

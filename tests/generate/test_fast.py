@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamalab.generate import generate_tokens, get_decoder
+from llamalab.generate import StackedLinear, decode_view, generate_tokens, get_decoder
 from llamalab.inference.quantize import Int8Linear, quantize_int8, quantize_per_channel
 from llamalab.model import build_model
 
@@ -57,6 +57,22 @@ def test_int8_logits_within_tolerance(model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("quantize", [False, True])
+def test_decode_view_stacks_projections_and_computes_the_same(model, quantize):
+    """The compiled step's view runs q/k/v and w1/w3 as one product each, on the model's own tensors."""
+    source = quantize_int8(copy_model(model)) if quantize else model
+    view = decode_view(source)
+    layer, original = view.layers["0"], source.layers["0"]
+    assert isinstance(layer.attention.wqkv, StackedLinear) and isinstance(layer.feed_forward.w13, StackedLinear)
+    assert layer.attention.wqkv.sizes == [original.attention.wq.weight.shape[0], original.attention.wk.weight.shape[0],
+                                          original.attention.wv.weight.shape[0]]  # grouped-query: k/v are narrower
+    assert layer.attention.wqkv.parts[0].weight.data_ptr() == original.attention.wq.weight.data_ptr()
+    assert type(source.layers["0"].attention).__name__ == "Attention"  # the model itself is untouched
+    tokens = torch.tensor(PROMPTS[1])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(view(tokens), source(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_decode_matches_reference_and_never_recompiles(model):
     """Compiled fp32 step: same logits as eager (1e-4) and same greedy tokens; positions advance without recompiling."""
     import torch._dynamo

@@ -42,26 +42,33 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self.fused_kernel_fits(flat):
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
-        else:  # dequantize on the fly (inductor folds the conversion into a float weight when frozen)
-            out = nn.functional.linear(flat, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def fused_kernel_fits(self, flat: torch.Tensor) -> bool:
-        """Whether ``aten._weight_int8pack_mm`` is safe here.
-
-        Measured on torch 2.13 CPU: it returns wrong numbers when ``in_features`` is not a multiple of 8
-        (stories260K's 172) and crashes on an input that is not 4-byte aligned, so those take the slow path.
-        Under compile the input is an inductor buffer, which is always aligned.
-        """
-        if self.weight.device.type != "cpu" or self.in_features % 16:
-            return False
-        return torch.compiler.is_compiling() or (flat.is_contiguous() and flat.data_ptr() % 16 == 0)
+        return int8_linear(x, self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scales[:, None]).T`` for an int8 ``weight`` (out, in) and per-row ``scales``."""
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features)
+    if _fused_kernel_fits(weight, flat):
+        out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales.to(x.dtype))
+    else:  # dequantize on the fly (inductor folds the conversion into a float weight when frozen)
+        out = nn.functional.linear(flat, weight.to(x.dtype)) * scales.to(x.dtype)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def _fused_kernel_fits(weight: torch.Tensor, flat: torch.Tensor) -> bool:
+    """Whether ``aten._weight_int8pack_mm`` is safe here.
+
+    Measured on torch 2.13 CPU: it returns wrong numbers when ``in_features`` is not a multiple of 8
+    (stories260K's 172) and crashes on an input that is not 4-byte aligned, so those take the slow path.
+    Under compile the input is an inductor buffer, which is always aligned.
+    """
+    if weight.device.type != "cpu" or weight.shape[1] % 16:
+        return False
+    return torch.compiler.is_compiling() or (flat.is_contiguous() and flat.data_ptr() % 16 == 0)
 
 
 @torch.no_grad()
