@@ -253,7 +253,8 @@ class _CompiledStep:
 
         settings = {"freezing": True}
         if self.device_type == "cpu":
-            settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+            settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
         with inductor_config.patch(settings), \
                 dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
             out = self.fn(*args)
