@@ -95,6 +95,17 @@ def test_compiled_decode_matches_reference_and_never_recompiles(model):
             generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=50)
 
 
+def test_compiled_steps_of_two_models_stay_apart(model):
+    """Warm steps skip dynamo's full guard check; a second model of the same shape must still get its own step
+    (its own frozen weights), and the first model its own afterwards."""
+    other = build_model(model.args, seed=1).eval()
+    prompts = [[1, 17, 40, 3]]
+    expected = [generate_tokens(m, prompts, max_new_tokens=12) for m in (model, other)]
+    assert expected[0] != expected[1]
+    for _ in range(2):
+        assert [generate_tokens(m, prompts, max_new_tokens=12, compile=True) for m in (model, other)] == expected
+
+
 @pytest.mark.slow
 def test_compiled_bf16_and_int8_paths(model):
     """bf16 weights: logits within bf16 tolerance of fp32; int8 (bf16 activations): within the int8 bound."""
