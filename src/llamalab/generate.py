@@ -146,6 +146,7 @@ class Decoder:
                        for _ in range(args.n_layers)]
         self.slots = torch.arange(cache_len, device=self.device)
         self.compiled = compile
+        self.weights_version: tuple[int, ...] | None = None
         self._step = self._compile(self.step_logits) if compile else self.step_logits
         self._greedy_step = self._compile(self.greedy_step) if compile else self.greedy_step
 
@@ -288,9 +289,21 @@ def get_decoder(model: nn.Module, batch_size: int, need: int, *, compile: bool =
     dtype = model.tok_embeddings.weight.dtype
     key = (batch_size, cache_len, dtype, model.tok_embeddings.weight.device, bool(compile))
     decoders = model.__dict__.setdefault("_llamalab_decoders", {})
-    if key not in decoders:
+    version = _weights_version(model) if compile else None
+    if key not in decoders or decoders[key].weights_version != version:
         decoders[key] = Decoder(model, batch_size, cache_len, compile=compile)
+        decoders[key].weights_version = version
     return decoders[key]
+
+
+def _weights_version(model: nn.Module) -> tuple[int, ...] | None:
+    """The in-place-write counters of the model's tensors: a compiled step holds frozen copies of the weights,
+    so after training, ``load_state_dict`` or any in-place edit it must be rebuilt. None when not tracked
+    (tensors made under ``torch.inference_mode``)."""
+    try:
+        return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+    except RuntimeError:
+        return None
 
 
 def _check_lengths(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:

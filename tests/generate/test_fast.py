@@ -95,6 +95,19 @@ def test_compiled_decode_matches_reference_and_never_recompiles(model):
             generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=50)
 
 
+def test_compiled_step_follows_in_place_weight_changes(tiny_args):
+    """The compiled step freezes the weights; changing them in place (training, load_state_dict) rebuilds it."""
+    model = build_model(tiny_args(), seed=2).eval()
+    prompts = [[1, 17, 40, 3]]
+    before = generate_tokens(model, prompts, max_new_tokens=12, compile=True)
+    assert before == generate_tokens(model, prompts, max_new_tokens=12)
+    with torch.no_grad():
+        model.load_state_dict(build_model(tiny_args(), seed=3).state_dict())
+    after = generate_tokens(model, prompts, max_new_tokens=12)
+    assert after != before
+    assert generate_tokens(model, prompts, max_new_tokens=12, compile=True) == after
+
+
 def test_compiled_steps_of_two_models_stay_apart(model):
     """Warm steps skip dynamo's full guard check; a second model of the same shape must still get its own step
     (its own frozen weights), and the first model its own afterwards."""
