@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamalab.generate import StackedLinear, decode_view, generate_tokens, get_decoder
+from llamalab.generate import StackedLinear, blocked_argmax, decode_view, generate_tokens, get_decoder
 from llamalab.inference.quantize import Int8Linear, quantize_int8, quantize_per_channel
 from llamalab.model import build_model
 
@@ -71,6 +71,16 @@ def test_decode_view_stacks_projections_and_computes_the_same(model, quantize):
     tokens = torch.tensor(PROMPTS[1])[None]
     with torch.no_grad():
         torch.testing.assert_close(view(tokens), source(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [32000, 1001])
+def test_blocked_argmax_is_argmax_with_first_index_on_ties(vocab):
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    logits[1, [7, 300, vocab - 1]] = 10.0  # ties within and across blocks: the first index wins
+    logits[2, [vocab - 1, 5]] = 10.0
+    logits[3] = 0.0  # all equal
+    assert blocked_argmax(logits).tolist() == logits.argmax(-1).tolist()
+    assert blocked_argmax(logits).tolist()[1:] == [7, 5, 0]
 
 
 def test_compiled_decode_matches_reference_and_never_recompiles(model):
