@@ -150,27 +150,21 @@ class Decoder:
         args = model.args
         if cache_len > args.max_seq_len:
             raise ContextLengthError(f"cache length {cache_len} exceeds the model's max_seq_len={args.max_seq_len}")
-        self.batch_size, self.cache_len = batch_size, cache_len
+        self.model, self.batch_size, self.cache_len = model, batch_size, cache_len
         self.dtype = model.tok_embeddings.weight.dtype
-        self.model = model
-        self.step_model = decode_view(model) if compile and self.device_of(model).type == "cpu" else model
         self.device = model.tok_embeddings.weight.device
+        self.step_model = decode_view(model) if compile and self.device.type == "cpu" else model
         self.caches = [KVCache(batch_size, args.kv_heads, cache_len, args.head_dim, self.dtype, self.device)
                        for _ in range(args.n_layers)]
         self.slots = torch.arange(cache_len, device=self.device)
         self.compiled = compile
-        self.weights_version: tuple[int, ...] | None = None
+        self.weights_version = _weights_version(model) if compile else None  # the weights the step froze
         self._step = self._compile(self.step_logits) if compile else self.step_logits
         self._greedy_step = self._compile(self.greedy_step) if compile else self.greedy_step
 
-    @staticmethod
-    def device_of(model: nn.Module) -> torch.device:
-        return model.tok_embeddings.weight.device
-
     def _compile(self, fn):
-        if self.device.type == "cuda":
-            return _CompiledStep(torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False), "cuda")
-        return _CompiledStep(torch.compile(fn, fullgraph=True, dynamic=False), self.device.type)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        return _CompiledStep(torch.compile(fn, mode=mode, fullgraph=True, dynamic=False), self.device.type)
 
     def reset(self) -> None:
         for cache in self.caches:
@@ -180,7 +174,7 @@ class Decoder:
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq) at ``input_pos`` (batch, seq), reading and filling the caches."""
         mask = (self.slots <= input_pos[:, :, None])[:, None]  # (batch, 1, seq, cache_len)
-        return (model or self.model)(tokens, input_pos, self.caches, mask)
+        return (self.model if model is None else model)(tokens, input_pos, self.caches, mask)
 
     def step_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """One token per row: (batch, 1) tokens and positions -> (batch, vocab) fp32 logits."""
@@ -302,10 +296,8 @@ def get_decoder(model: nn.Module, batch_size: int, need: int, *, compile: bool =
     dtype = model.tok_embeddings.weight.dtype
     key = (batch_size, cache_len, dtype, model.tok_embeddings.weight.device, bool(compile))
     decoders = model.__dict__.setdefault("_llamalab_decoders", {})
-    version = _weights_version(model) if compile else None
-    if key not in decoders or decoders[key].weights_version != version:
+    if key not in decoders or (compile and decoders[key].weights_version != _weights_version(model)):
         decoders[key] = Decoder(model, batch_size, cache_len, compile=compile)
-        decoders[key].weights_version = version
     return decoders[key]
 
 
