@@ -244,6 +244,10 @@ class _CompiledStep:
     projections and the in-place cache write). Every Decoder compiles the same function for its own caches and
     weights, so dynamo may keep more than its default 8 versions of it.
 
+    The CPU step also uses inductor's C++ wrapper (``cpp_wrapper``): the ~50 kernel calls of a step are made
+    from C++, not Python. With a model too small to cost anything (dim 48) a step fell from 0.73 to 0.41 ms;
+    ``stories15m`` decode gained 3-5% (alternated in one process), for ~10 s more compile.
+
     Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
     that tell the Decoders' versions apart run): the shapes of a Decoder never change, and the full check
     cost ~0.3 ms per token.
@@ -261,7 +265,7 @@ class _CompiledStep:
 
         settings = {"freezing": True}
         if self.device_type == "cpu":
-            settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+            settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", cpp_wrapper=True,
                             autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
         with inductor_config.patch(settings), \
                 dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
