@@ -87,7 +87,7 @@ class Attention(nn.Module):
         # -1 heads: under tensor parallelism each rank holds a slice of the heads
         q = q.view(bsz, seqlen, -1, self.head_dim)
         k = k.view(bsz, seqlen, -1, self.head_dim)
-        v = v.reshape(bsz, seqlen, -1, self.head_dim)
+        v = v.view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
