@@ -12,6 +12,7 @@ variant to its peer measured in the same run:
 Run:   .venv/bin/python bench/decode.py                 (stories15m and small, 256 new tokens, 2 threads)
 Smoke: .venv/bin/python bench/decode.py --quick
 Batch: .venv/bin/python bench/decode.py --batch-sizes 1,8,32   (llamalab tokens/s over all rows)
+GPU:   python bench/decode.py --device cuda    (compiled steps replayed as CUDA graphs; llama.cpp not run)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Llamalab(Engine):
 
 
 class Transformers(Engine):
-    def __init__(self, name, model, dtype):
+    def __init__(self, name, model, dtype, device):
         import transformers
 
         from llamalab.convert.hf import hf_config, meta_to_hf_state
@@ -70,10 +71,10 @@ class Transformers(Engine):
         self.hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
         state = {k: v.float() for k, v in model.state_dict().items() if not k.startswith("rope_")}
         self.hf.load_state_dict(meta_to_hf_state(state, model.args), strict=True)
-        self.hf.to(dtype)
+        self.hf.to(device=device, dtype=dtype)
 
     def run(self, n):
-        ids = torch.tensor([PROMPT])
+        ids = torch.tensor([PROMPT], device=self.hf.device)
         with torch.no_grad():
             out = self.hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
                                    pad_token_id=0, eos_token_id=None)
@@ -115,13 +116,14 @@ def random_checkpoint(shape: str, folder: Path, new_tokens: int, seed: int = 0) 
     return model, path
 
 
-def make_engines(shape: str, model, ckpt: Path, tmp: Path, wanted: set[str], threads: int, n_ctx: int):
+def make_engines(shape: str, model, ckpt: Path, tmp: Path, wanted: set[str], threads: int, n_ctx: int,
+                 device: torch.device):
     from llamalab.inference.quantize import quantize_int8
 
     engines = []
 
     def copy(dtype):
-        m = build_model(model.args, init=False).eval()
+        m = build_model(model.args, device=device, init=False).eval()
         m.load_state_dict(model.state_dict())
         return m.to(dtype)
 
@@ -130,9 +132,11 @@ def make_engines(shape: str, model, ckpt: Path, tmp: Path, wanted: set[str], thr
                     Llamalab("llamalab bf16", copy(torch.bfloat16), compile=True),
                     Llamalab("llamalab int8", quantize_int8(copy(torch.bfloat16)), compile=True)]
     if "transformers" in wanted:
-        engines += [Transformers("transformers fp32", model, torch.float32),
-                    Transformers("transformers bf16", model, torch.bfloat16)]
-    if "llamacpp" in wanted:
+        engines += [Transformers("transformers fp32", model, torch.float32, device),
+                    Transformers("transformers bf16", model, torch.bfloat16, device)]
+    if "llamacpp" in wanted and device.type != "cpu":
+        print(f"[{shape}] llama.cpp skipped: llama-cpp-python here runs on the CPU only", file=sys.stderr)
+    elif "llamacpp" in wanted:
         try:
             import llama_cpp  # noqa: F401
 
@@ -157,9 +161,10 @@ PEERS = {  # llamalab variant -> the peers it is compared with
 def bench_shape(shape: str, opts, tmp: Path) -> None:
     model, ckpt = random_checkpoint(shape, tmp, opts.new_tokens)
     engines = make_engines(shape, model, ckpt, tmp, set(opts.engines.split(",")), opts.threads,
-                           n_ctx=len(PROMPT) + opts.new_tokens + 8)
+                           n_ctx=len(PROMPT) + opts.new_tokens + 8, device=opts.device)
+    where = f"{opts.threads} threads" if opts.device.type == "cpu" else torch.cuda.get_device_name(opts.device)
     print(f"\n## {shape} (dim {model.args.dim}, {model.args.n_layers} layers, vocab {model.args.vocab_size}): "
-          f"batch 1, greedy, {opts.new_tokens} new tokens, {opts.threads} threads, median of {opts.repeats}")
+          f"batch 1, greedy, {opts.new_tokens} new tokens, {where}, median of {opts.repeats}")
     for e in engines:  # warm-up: compiles, fills caches, and checks each engine decodes the requested length
         t = time.perf_counter()
         out = e.run(opts.new_tokens)
@@ -184,7 +189,7 @@ def bench_batches(shape: str, opts, tmp: Path) -> None:
     print(f"\n## {shape}: llamalab batched greedy decode, {opts.new_tokens} new tokens per row, median of {opts.repeats}")
     print(f"{'dtype':<6} {'batch':>5} {'tok/s (all rows)':>17}")
     for dtype in ("bf16", "fp32"):
-        m = model.to(DTYPES[dtype])
+        m = model.to(device=opts.device, dtype=DTYPES[dtype])
         engines = [Llamalab(f"b{b}", m, compile=True, batch=b) for b in sizes]
         for e in engines:
             e.run(opts.new_tokens)
@@ -206,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-sizes", default=None, help="e.g. 1,8,32: llamalab batched throughput instead")
+    p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true", help="smoke run: stories15m, 32 tokens, 2 repeats")
     opts = p.parse_args(argv)
     if opts.quick:

@@ -12,8 +12,8 @@ from llamalab.model import build_model
 PROMPTS = [[1, 17, 40, 3], [1, 200, 201, 202, 203, 204, 205, 206, 207], [1]]
 
 
-def copy_model(model, dtype=torch.float32):
-    m = build_model(model.args, init=False).eval()
+def copy_model(model, dtype=torch.float32, device="cpu"):
+    m = build_model(model.args, device=device, init=False).eval()
     m.load_state_dict(model.state_dict())
     return m.to(dtype)
 
@@ -28,7 +28,7 @@ def decode_logits(model, tokens: torch.Tensor, prefill: int, compile: bool) -> t
     with torch.inference_mode():
         decoder.prefill(tokens[:, :prefill].tolist())
         for t in range(prefill, tokens.shape[1]):
-            pos = torch.full((tokens.shape[0], 1), t)
+            pos = torch.full((tokens.shape[0], 1), t, device=tokens.device)
             out.append(decoder._step(tokens[:, t:t + 1], pos))
     return torch.stack(out, 1)
 
@@ -166,3 +166,40 @@ def test_int8_linear_any_width_and_unaligned_input(in_features):
     x = buf[1:].view(3, in_features)  # starts 2 bytes into the storage
     ref = x.float() @ (q.weight.float() * q.scales.float()[:, None]).T
     torch.testing.assert_close(q(x).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+def test_cuda_graph_decode_matches_cpu_reference_and_never_recompiles(model):
+    """On a GPU the compiled step is replayed as a CUDA graph: fp32 logits and greedy tokens equal the CPU eager
+    reference, positions advance without recompiling, and inductor did not fall back from CUDA graphs."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gpu = copy_model(model, device="cuda")
+    tokens = torch.randint(0, model.args.vocab_size, (3, 30), generator=torch.Generator().manual_seed(1))
+    eager = decode_logits(model, tokens, 4, compile=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = decode_logits(gpu, tokens.cuda(), 4, compile=True)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for 26 positions
+        assert generate_tokens(gpu, PROMPTS, max_new_tokens=40, compile=True) == \
+            generate_tokens(model, PROMPTS, max_new_tokens=40)
+    torch.testing.assert_close(compiled.cpu(), eager, rtol=0, atol=1e-4)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # graphs were really replayed
+
+
+@requires_cuda
+def test_cuda_graph_bf16_and_int8_paths(model):
+    """The bf16 and int8 models on the GPU: logits within the CPU tests' bounds, batched equals per-prompt."""
+    tokens = torch.randint(0, model.args.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    ref = decode_logits(model, tokens, 4, compile=False)
+    spread = ref.std()
+    bf16 = copy_model(model, torch.bfloat16, device="cuda")
+    assert (decode_logits(bf16, tokens.cuda(), 4, compile=True).cpu() - ref).abs().max() <= 0.03 * spread
+    fast = quantize_int8(copy_model(model, torch.bfloat16, device="cuda"))
+    assert (decode_logits(fast, tokens.cuda(), 4, compile=True).cpu() - ref).abs().max() <= 0.08 * spread
+    batched = generate_tokens(fast, PROMPTS, max_new_tokens=16, compile=True)
+    assert batched == [generate_tokens(fast, [p], max_new_tokens=16)[0] for p in PROMPTS]
