@@ -156,9 +156,12 @@ class Decoder:
         self.dtype = model.tok_embeddings.weight.dtype
         self.device = model.tok_embeddings.weight.device
         self.step_model = decode_view(model) if compile and self.device.type == "cpu" else model
-        self.caches = [KVCache(batch_size, args.kv_heads, cache_len, args.head_dim, self.dtype, self.device)
+        # one spare slot, never written or attended: no window is then the whole buffer, whose slice would be
+        # contiguous, a case the compiled step would specialise on (and recompile for the last window)
+        self.caches = [KVCache(batch_size, args.kv_heads, cache_len + 1, args.head_dim, self.dtype, self.device)
                        for _ in range(args.n_layers)]
         self.slots = torch.arange(cache_len, device=self.device)
+        self._windows: dict[int, torch.Tensor] = {}
         self.compiled = compile
         self.weights_version = _weights_version(model) if compile else None  # the weights the step froze
         self._step = self._compile(self.step_logits) if compile else self.step_logits
@@ -173,17 +176,34 @@ class Decoder:
             cache.k.zero_()
             cache.v.zero_()
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        """Logits for ``tokens`` (batch, seq) at ``input_pos`` (batch, seq), reading and filling the caches."""
-        mask = (self.slots <= input_pos[:, :, None])[:, None]  # (batch, 1, seq, cache_len)
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, model: nn.Module | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``tokens`` (batch, seq) at ``input_pos`` (batch, seq), reading and filling the caches.
+
+        Attention covers the cache slots in ``slots`` (a prefix of ``self.slots``; all of them by default).
+        """
+        slots = self.slots if slots is None else slots
+        mask = (slots <= input_pos[:, :, None])[:, None]  # (batch, 1, seq, len(slots))
         return (self.model if model is None else model)(tokens, input_pos, self.caches, mask)
 
-    def step_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One token per row: (batch, 1) tokens and positions -> (batch, vocab) fp32 logits."""
-        return self.forward(tokens, input_pos, self.step_model)[:, -1].float()
+    def step_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One token per row: (batch, 1) tokens and positions, ``window(...)`` slots -> (batch, vocab) fp32 logits."""
+        return self.forward(tokens, input_pos, self.step_model, slots)[:, -1].float()
 
-    def greedy_step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return blocked_argmax(self.step_logits(tokens, input_pos))
+    def greedy_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return blocked_argmax(self.step_logits(tokens, input_pos, slots))
+
+    def window(self, last_pos: int) -> torch.Tensor:
+        """The cache slots a step must attend over when no row is past ``last_pos``: the filled prefix, rounded up
+        to a multiple of 64.
+
+        Attention then costs what the rows have written, not the whole cache. The length is a dynamic dimension
+        of the compiled step (one graph for every window, no recompiling as it grows)."""
+        length = _cache_len(last_pos + 1, self.cache_len)
+        if length not in self._windows:
+            self._windows[length] = self.slots[:length]
+            torch._dynamo.mark_dynamic(self._windows[length], 0)
+        return self._windows[length]
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Run the right-padded prompts through the model; (batch, vocab) logits at each row's last token."""
@@ -230,10 +250,11 @@ class Decoder:
             if all(ended) or t == max_new_tokens - 1:
                 return
             with torch.inference_mode():
+                slots = self.window(max(lengths) + t)
                 if greedy:
-                    nxt = self._greedy_step(nxt[:, None], pos)
+                    nxt = self._greedy_step(nxt[:, None], pos, slots)
                 else:
-                    logits = self._step(nxt[:, None], pos)
+                    logits = self._step(nxt[:, None], pos, slots)
                 pos = pos + 1
 
 

@@ -29,7 +29,7 @@ def decode_logits(model, tokens: torch.Tensor, prefill: int, compile: bool) -> t
         decoder.prefill(tokens[:, :prefill].tolist())
         for t in range(prefill, tokens.shape[1]):
             pos = torch.full((tokens.shape[0], 1), t, device=tokens.device)
-            out.append(decoder._step(tokens[:, t:t + 1], pos))
+            out.append(decoder._step(tokens[:, t:t + 1], pos, decoder.window(t)))
     return torch.stack(out, 1)
 
 

@@ -19,19 +19,22 @@ PROMPTS = [[1, 17, 40, 3], [1, 200, 201, 202, 203, 204, 205, 206, 207], [1]]
 
 
 def test_cached_decoding_matches_full_forward_at_every_position(model):
-    """Prefill a few tokens, then feed one token per step: logits equal a cache-free forward at every position."""
+    """Prefill a few tokens, then feed one token per step: logits equal a cache-free forward at every position.
+
+    Each step attends over the decoder's window (the filled prefix rounded up to 64 slots), which grows from
+    64 to 128 slots on the way."""
     torch.manual_seed(0)
-    tokens = torch.randint(0, model.args.vocab_size, (3, 40))
+    tokens = torch.randint(0, model.args.vocab_size, (3, 80))
     lengths = [5, 12, 1]  # rows prefilled to different lengths (right-padded), then decoded at their own positions
     with torch.no_grad():
         reference = model(tokens)
-        decoder = Decoder(model, batch_size=3, cache_len=64)
+        decoder = Decoder(model, batch_size=3, cache_len=128)
         logits = decoder.prefill([tokens[i, :n].tolist() for i, n in enumerate(lengths)])
         for i, n in enumerate(lengths):
             torch.testing.assert_close(logits[i], reference[i, n - 1], rtol=0, atol=1e-5)
         pos = torch.tensor(lengths)[:, None]
-        for _ in range(25):
-            step = decoder.step_logits(tokens.gather(1, pos), pos)
+        for _ in range(65):
+            step = decoder.step_logits(tokens.gather(1, pos), pos, decoder.window(int(pos.max())))
             for i in range(3):
                 torch.testing.assert_close(step[i], reference[i, pos[i, 0]], rtol=0, atol=1e-5)
             pos = pos + 1

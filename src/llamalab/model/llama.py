@@ -92,6 +92,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
+            if mask is not None:  # attend over the slots the mask covers (generation passes the filled prefix)
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves n_rep query heads
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
