@@ -23,7 +23,7 @@ def decode_logits(model, tokens: torch.Tensor, prefill: int, compile: bool) -> t
 
     Uses the model's shared Decoder for this shape, so a later ``generate_tokens`` call reuses its compiled step.
     """
-    decoder = get_decoder(model, tokens.shape[0], 64, compile=compile)
+    decoder = get_decoder(model, tokens.shape[0], tokens.shape[1], compile=compile)
     out = []
     with torch.inference_mode():
         decoder.prefill(tokens[:, :prefill].tolist())
@@ -84,25 +84,26 @@ def test_blocked_argmax_is_argmax_with_first_index_on_ties(vocab):
 
 
 def test_compiled_decode_matches_reference_and_never_recompiles(model):
-    """Compiled fp32 step: same logits as eager (1e-4) and same greedy tokens; positions advance without recompiling."""
+    """Compiled fp32 step: same logits as eager (1e-4) and same greedy tokens; positions advance without recompiling,
+    also when the attention window grows from 64 to 128 slots."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    tokens = torch.randint(0, model.args.vocab_size, (3, 30), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, model.args.vocab_size, (3, 100), generator=torch.Generator().manual_seed(1))
     eager = decode_logits(model, tokens, 4, compile=False)
     with torch._dynamo.config.patch(error_on_recompile=True):  # any recompile as the position moves fails here
         compiled = decode_logits(model, tokens, 4, compile=True)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert frames == 1  # one graph for 26 positions
+    assert frames == 1  # one graph for 96 positions
 
-    reference = generate_tokens(model, PROMPTS, max_new_tokens=40)
+    reference = generate_tokens(model, PROMPTS, max_new_tokens=100)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert generate_tokens(model, PROMPTS, max_new_tokens=40, compile=True) == reference
+        assert generate_tokens(model, PROMPTS, max_new_tokens=100, compile=True) == reference
         # the same shape again (new prompts, other lengths) reuses the compiled step
-        assert generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=50, compile=True) == \
-            generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=50)
+        assert generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=110, compile=True) == \
+            generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=110)
 
 
 def test_compiled_step_follows_in_place_weight_changes(tiny_args):
@@ -180,13 +181,13 @@ def test_cuda_graph_decode_matches_cpu_reference_and_never_recompiles(model):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     gpu = copy_model(model, device="cuda")
-    tokens = torch.randint(0, model.args.vocab_size, (3, 30), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, model.args.vocab_size, (3, 100), generator=torch.Generator().manual_seed(1))
     eager = decode_logits(model, tokens, 4, compile=False)
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = decode_logits(gpu, tokens.cuda(), 4, compile=True)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for 26 positions
-        assert generate_tokens(gpu, PROMPTS, max_new_tokens=40, compile=True) == \
-            generate_tokens(model, PROMPTS, max_new_tokens=40)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for 96 positions
+        assert generate_tokens(gpu, PROMPTS, max_new_tokens=100, compile=True) == \
+            generate_tokens(model, PROMPTS, max_new_tokens=100)
     torch.testing.assert_close(compiled.cpu(), eager, rtol=0, atol=1e-4)
     assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # graphs were really replayed
 
