@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inference.bf16_gemv import one_row_bf16_kernel
+from .inference.one_row_gemm import one_row_kernels
 from .inference.quantize import Int8Linear, int8_linear
 from .model.llama import Attention, FeedForward
 
@@ -271,8 +271,9 @@ class _CompiledStep:
     from C++, not Python. With a model too small to cost anything (dim 48) a step fell from 0.73 to 0.41 ms;
     ``stories15m`` decode gained 3-5% (alternated in one process), for ~10 s more compile.
 
-    On an AVX2 CPU, one-row bf16 products use llamalab's own micro-kernel inside inductor's template
-    (``llamalab.inference.bf16_gemv``): the stock one read bf16 weights slower than fp32 ones.
+    On an AVX2 CPU, one-row products with bf16 or int8 weights use llamalab's own micro-kernels inside
+    inductor's template (``llamalab.inference.one_row_gemm``): the stock ones read bf16 weights slower than
+    fp32 ones.
 
     Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
     that tell the Decoders' versions apart run): the shapes of a Decoder never change, and the full check
@@ -304,7 +305,7 @@ class _CompiledStep:
         if self.device_type == "cpu":
             settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", cpp_wrapper=True,
                             autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-            kernels = one_row_bf16_kernel()
+            kernels = one_row_kernels()
         with inductor_config.patch(settings), kernels, \
                 dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
             out = self.fn(*args)

@@ -212,24 +212,29 @@ def _inductor_picks_avx2() -> bool:
     return type(pick_vec_isa()) is VecAVX2
 
 
-@pytest.mark.skipif(not _inductor_picks_avx2(), reason="the one-row bf16 kernel is for AVX2 (not AVX-512) builds")
-@pytest.mark.parametrize("rows,out_features,in_features", [(1, 1024, 288), (1, 96, 172), (3, 1024, 288)])
-def test_one_row_bf16_kernel_is_chosen_at_one_row_and_exact(rows, out_features, in_features):
+@pytest.mark.skipif(not _inductor_picks_avx2(), reason="the one-row kernels are for AVX2 (not AVX-512) builds")
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 1024, 288), (1, 96, 176), (3, 1024, 288)])
+def test_one_row_kernel_is_chosen_at_one_row_and_exact(weights, rows, out_features, in_features):
     """Inductor takes the kernel for one row only; the product equals fp32 math rounded to bf16 (1 ulp)."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
-    from llamalab.inference.bf16_gemv import one_row_bf16_kernel
+    from llamalab.inference.one_row_gemm import one_row_kernels
 
     gen = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16).eval()
     with torch.no_grad():
         lin.weight.copy_(torch.randn(out_features, in_features, generator=gen))
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    layer = Int8Linear.from_linear(lin) if weights == "int8" else lin
     settings = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP")
-    with fresh_cache(), one_row_bf16_kernel() as offered, inductor_config.patch(settings), torch.no_grad():
+    with fresh_cache(), one_row_kernels() as offered, inductor_config.patch(settings), torch.no_grad():
         assert offered
-        y, (code, *_) = run_and_get_code(torch.compile(lin, dynamic=False), x)
+        y, (code, *_) = run_and_get_code(torch.compile(layer, dynamic=False), x)
     assert ("_row<64, accum>" in code or "_row<32, accum>" in code) == (rows == 1)
-    ref = (x.float() @ lin.weight.float().T)
+    if weights == "int8":
+        ref = (x.float() @ layer.weight.float().T) * layer.scales.float()
+    else:
+        ref = x.float() @ lin.weight.float().T
     torch.testing.assert_close(y.float(), ref.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-5)

@@ -1,20 +1,23 @@
-"""A one-row bf16 micro-kernel for inductor's CPU GEMM template on AVX2 (decoding: one token per row).
+"""One-row micro-kernels for inductor's CPU GEMM template on AVX2: bf16 and int8 weights, bf16 activations.
 
-Inductor's AVX2 micro-kernel for bf16 weights is built for several rows: at one row it keeps two fp32
+Decoding multiplies one row (a token) by every weight matrix, so its speed is how fast the weights stream.
+Inductor's AVX2 micro-kernels are built for several rows. At one row its bf16 kernel keeps two fp32
 accumulators (one FMA chain per 8 columns, each waiting on the last) and loads every 8 bf16 weights through
-``Vectorized<BFloat16>::loadu(ptr, count)``, a copy through the stack. Decoding ``stories15m`` in bf16 it read
-the output layer at 10-13 GB/s, slower than the same layer in fp32.
+``Vectorized<BFloat16>::loadu(ptr, count)``, a copy through a zeroed stack buffer: decoding ``stories15m`` in
+bf16 read the output layer at 10-13 GB/s, slower than the same layer in fp32.
 
-This kernel takes a block of ``BLOCK_N`` (16-64) columns for one row: each 16 bf16 weights are one 32-byte
-load, split into the even and odd columns as fp32 by a shift and a mask (a bf16 is the high half of an fp32),
-and every 8 columns have their own accumulator, so ``BLOCK_N / 8`` independent FMA chains run. The even/odd
-halves are put back in column order once per block, at the store. Products are summed in fp32 in k order,
-as the stock kernel does.
+These kernels take a block of ``BLOCK_N`` (16, 32 or 64) columns of one row and give every 8 columns their
+own accumulator, so ``BLOCK_N / 8`` independent FMA chains run:
+- bf16: each 16 weights are one 32-byte load, split into the even and odd columns as fp32 by a shift and a mask
+  (a bf16 is the high half of an fp32); the halves are put back in column order once per block, at the store.
+- int8: each 8 weights are widened to int32 by one load-and-extend and converted to fp32; the per-channel
+  scales stay the template's epilogue.
+Products are summed in fp32 in k order, as the stock kernels do.
 
-It is offered to inductor only while a decode step compiles (``one_row_bf16_kernel``), only for one row of
-bf16 times bf16 on an AVX2 (not AVX-512) build, and it wins inductor's ranking by dividing ``m = 1`` exactly.
-The registry it joins (``cpp_micro_gemm.micro_gemm_configs``) is inductor's own, not a public API: when it
-is missing, compiling falls back to the stock kernel.
+They are offered to inductor only while a decode step compiles (``one_row_kernels``), only for one row, bf16
+activations and whole blocks on an AVX2 (not AVX-512) build; they win inductor's ranking by dividing
+``m = 1`` exactly. The registry they join (``cpp_micro_gemm.micro_gemm_configs``) is inductor's own, not a
+public API: when it is missing, compiling falls back to the stock kernels.
 """
 
 from __future__ import annotations
@@ -24,8 +27,26 @@ import contextlib
 KERNEL = r"""
 template <int64_t BLOCK_N, bool accum>
 inline void {{kernel_name}}_row(
-    const uint16_t* __restrict__ a, const uint16_t* __restrict__ B, float* __restrict__ C, int64_t K, int64_t ldb
+    const uint16_t* __restrict__ a, const {{weight_t}}* __restrict__ B, float* __restrict__ C, int64_t K, int64_t ldb
 ) {
+{%- if int8_weights %}
+    constexpr int G = BLOCK_N / 8;  // groups of 8 columns: 8 int8 weights widened to fp32, one accumulator each
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        const __m256 x = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(a[k]) << 16)));
+        const int8_t* b = B + k * ldb;
+        for (int g = 0; g < G; ++g) {
+            const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * g)));
+            acc[g] = _mm256_fmadd_ps(x, _mm256_cvtepi32_ps(w), acc[g]);
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        __m256 out = acc[g];
+        if constexpr (accum) out = _mm256_add_ps(out, _mm256_loadu_ps(C + 8 * g));
+        _mm256_storeu_ps(C + 8 * g, out);
+    }
+{%- else %}
     constexpr int G = BLOCK_N / 16;  // groups of 16 columns: one load, an even and an odd accumulator each
     __m256 even[G], odd[G];
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -55,6 +76,7 @@ inline void {{kernel_name}}_row(
         _mm256_storeu_ps(C + 16 * g, first);
         _mm256_storeu_ps(C + 16 * g + 8, second);
     }
+{%- endif %}
 }
 
 {{declare_kernel}} {
@@ -62,7 +84,7 @@ inline void {{kernel_name}}_row(
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t n = 0; n < N; n += {{block_n}}) {
             {{kernel_name}}_row<{{block_n}}, accum>(
-                reinterpret_cast<const uint16_t*>(A + m * lda), reinterpret_cast<const uint16_t*>(B + n),
+                reinterpret_cast<const uint16_t*>(A + m * lda), reinterpret_cast<const {{weight_t}}*>(B + n),
                 C + m * ldc + n, K, ldb);
         }
     }
@@ -71,24 +93,27 @@ inline void {{kernel_name}}_row(
 
 
 def _micro_gemm_class():
+    import torch
     from torch._inductor.codegen.common import KernelTemplate
     from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemm
 
-    class OneRowBF16AVX2(CppMicroGemm):
+    class OneRowAVX2(CppMicroGemm):
         def codegen_define(self, kernel) -> str:
+            int8_weights = self.input2_dtype == torch.int8
             options = {"declare_kernel": self.get_kernel_declaration(), "block_n": self.register_blocking.block_n,
+                       "int8_weights": int8_weights, "weight_t": "int8_t" if int8_weights else "uint16_t",
                        **self.get_common_options()}
             return KernelTemplate._template_from_string(KERNEL).render(options)
 
-    return OneRowBF16AVX2
+    return OneRowAVX2
 
 
 def _cache_key_pass():
-    """A pass that changes nothing but puts this kernel's source into inductor's FX graph cache key.
+    """A pass that changes nothing but puts the kernels' source into inductor's FX graph cache key.
 
     The cache does not see the micro-kernel registry: without this, a graph compiled earlier with the stock
-    kernel (or with an older version of this one) would be served from the cache, and this kernel's graphs
-    to compiles made without it.
+    kernels (or an older version of these) would be served from the cache, and these kernels' graphs to
+    compiles made without them.
     """
     import hashlib
 
@@ -99,7 +124,7 @@ def _cache_key_pass():
             pass
 
         def uuid(self) -> str:
-            return "llamalab-one-row-bf16-avx2-" + hashlib.sha256(KERNEL.encode()).hexdigest()[:16]
+            return "llamalab-one-row-avx2-" + hashlib.sha256(KERNEL.encode()).hexdigest()[:16]
 
     return KernelCacheKey()
 
@@ -113,8 +138,8 @@ def _one_row_on_avx2(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
 
 
 @contextlib.contextmanager
-def one_row_bf16_kernel():
-    """Offer the one-row bf16 micro-kernel to inductor's CPU GEMM template inside this block."""
+def one_row_kernels():
+    """Offer the one-row bf16 and int8 micro-kernels to inductor's CPU GEMM template inside this block."""
     try:
         import torch
         import torch._inductor.compile_fx  # noqa: F401  (inductor's own import order; its codegen alone is circular)
@@ -123,9 +148,11 @@ def one_row_bf16_kernel():
         from torch._inductor.cpu_vec_isa import VecAVX2
 
         cls = _micro_gemm_class()
-        configs = registry.generate_gemm_config(VecAVX2, [(1, 64, 1), (1, 32, 1), (1, 16, 1)],
-                                                input_dtype=torch.bfloat16, output_dtype=torch.float,
-                                                extra_check=_one_row_on_avx2)
+        configs = [config for weights in (torch.bfloat16, torch.int8)
+                   for config in registry.generate_gemm_config(
+                       VecAVX2, [(1, 64, 1), (1, 32, 1), (1, 16, 1)], input_dtype=torch.bfloat16,
+                       input2_dtype=weights, output_dtype=torch.float, compute_dtype=torch.float,
+                       extra_check=_one_row_on_avx2)]
         cache_key = inductor_config.patch(post_grad_custom_post_pass=_cache_key_pass())
     except (ImportError, AttributeError, TypeError):  # inductor's internals moved: keep the stock kernel
         yield False
