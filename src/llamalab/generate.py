@@ -276,8 +276,9 @@ class _CompiledStep:
     fp32 ones.
 
     Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
-    that tell the Decoders' versions apart run): the shapes of a Decoder never change, and the full check
-    cost ~0.3 ms per token.
+    that tell the Decoders' versions apart run): a Decoder's shapes never change but for the attention
+    window, which the graph takes as a dynamic length and ``Decoder.window`` keeps within the cache; the full
+    check cost ~0.3 ms per token.
 
     On CUDA the step is a CUDA graph whose output lives in the graph's own memory, overwritten by the next
     replay; the caller feeds one step's token into the next and may keep logits, so each output is cloned

@@ -205,7 +205,8 @@ class Transformer(nn.Module):
 
         Training: only ``tokens``; attention is causal from position 0. Generation: ``input_pos`` holds the
         positions of ``tokens`` ((seq,) or (batch, seq)), ``caches`` one cache per layer and ``mask`` a boolean
-        (batch or 1, 1, seq, cache_len) attention mask, True where attention is allowed.
+        (batch or 1, 1, seq, slots) attention mask over the first ``slots`` cache entries, True where attention
+        is allowed; entries past ``slots`` are not read.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if input_pos is None:
