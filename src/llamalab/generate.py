@@ -1,9 +1,10 @@
 """Text generation with a preallocated key/value cache: one prefill, then one token per step.
 
 The loop is gpt-fast's: every layer owns a static ``(batch, kv_heads, cache_len, head_dim)`` key and value
-buffer, the prompt fills it in one forward pass, and each later step feeds one token per row. Shapes never
-change during a generation, so the single-token step can be compiled once (``compile=True``: torch.compile
-with inductor freezing on CPU, CUDA graphs on GPU) and replayed for every position.
+buffer, the prompt fills it in one forward pass, and each later step feeds one token per row, attending over
+the filled part of the cache (``Decoder.window``). Shapes never change during a generation but for that
+window's length, a dynamic dimension, so the single-token step is compiled once (``compile=True``:
+torch.compile with inductor freezing on CPU, CUDA graphs on GPU) and replayed for every position.
 
 Batches of prompts of different lengths are exact: each row keeps its own positions (row ``i`` writes its
 token ``t`` into cache slot ``t``), the prompts are right-padded for the prefill, and a per-row mask lets a
