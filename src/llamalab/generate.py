@@ -1,6 +1,6 @@
 """Text generation with a preallocated key/value cache: one prefill, then one token per step.
 
-The loop is gpt-fast's: every layer owns a static ``(batch, kv_heads, cache_len, head_dim)`` key and value
+The loop is gpt-fast's: every layer owns a static ``(batch, kv_heads, slots, head_dim)`` key and value
 buffer, the prompt fills it in one forward pass, and each later step feeds one token per row, attending over
 the filled part of the cache (``Decoder.window``). Shapes never change during a generation but for that
 window's length, a dynamic dimension, so the single-token step is compiled once (``compile=True``:
@@ -229,8 +229,9 @@ class Decoder:
         if len(prompts) != self.batch_size:
             raise ValueError(f"this Decoder holds {self.batch_size} rows, got {len(prompts)} prompts")
         lengths = [len(p) for p in prompts]
-        if max(lengths) + max_new_tokens > self.cache_len:
-            raise ContextLengthError(f"longest prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
+        longest = max(lengths)
+        if longest + max_new_tokens > self.cache_len:
+            raise ContextLengthError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                                      f"exceeds the cache length {self.cache_len}")
         greedy = temperature <= 0
         generators = None if greedy else _generators(seed, len(prompts), self.device)
@@ -251,7 +252,7 @@ class Decoder:
             if all(ended) or t == max_new_tokens - 1:
                 return
             with torch.inference_mode():
-                slots = self.window(max(lengths) + t)
+                slots = self.window(longest + t)
                 if greedy:
                     nxt = self._greedy_step(nxt[:, None], pos, slots)
                 else:

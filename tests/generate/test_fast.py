@@ -216,7 +216,7 @@ def _inductor_picks_avx2() -> bool:
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 @pytest.mark.parametrize("rows,out_features,in_features", [(1, 1024, 288), (1, 96, 176), (3, 1024, 288)])
 def test_one_row_kernel_is_chosen_at_one_row_and_exact(weights, rows, out_features, in_features):
-    """Inductor takes the kernel for one row only; the product equals fp32 math rounded to bf16 (1 ulp)."""
+    """Inductor takes the kernel for one row only; the product equals fp32 math rounded to bf16 (relative 2^-7)."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import fresh_cache, run_and_get_code
 

@@ -23,6 +23,9 @@ public API: when it is missing, compiling falls back to the stock kernels.
 from __future__ import annotations
 
 import contextlib
+import importlib
+
+import torch
 
 KERNEL = r"""
 template <int64_t BLOCK_N, bool accum>
@@ -93,7 +96,6 @@ inline void {{kernel_name}}_row(
 
 
 def _micro_gemm_class():
-    import torch
     from torch._inductor.codegen.common import KernelTemplate
     from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemm
 
@@ -141,8 +143,7 @@ def _one_row_on_avx2(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
 def one_row_kernels():
     """Offer the one-row bf16 and int8 micro-kernels to inductor's CPU GEMM template inside this block."""
     try:
-        import torch
-        import torch._inductor.compile_fx  # noqa: F401  (inductor's own import order; its codegen alone is circular)
+        importlib.import_module("torch._inductor.compile_fx")  # inductor's own import order; codegen alone is circular
         import torch._inductor.config as inductor_config
         from torch._inductor.codegen import cpp_micro_gemm as registry
         from torch._inductor.cpu_vec_isa import VecAVX2
