@@ -178,14 +178,15 @@ class Decoder:
             cache.v.zero_()
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, model: nn.Module | None = None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq) at ``input_pos`` (batch, seq), reading and filling the caches.
 
         Attention covers the cache slots in ``slots`` (a prefix of ``self.slots``; all of them by default).
+        ``logits_at`` (batch,) asks for the logits at one sequence index per row only (``Transformer.forward``).
         """
         slots = self.slots if slots is None else slots
         mask = (slots <= input_pos[:, :, None])[:, None]  # (batch, 1, seq, len(slots))
-        return (self.model if model is None else model)(tokens, input_pos, self.caches, mask)
+        return (self.model if model is None else model)(tokens, input_pos, self.caches, mask, logits_at)
 
     def step_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """One token per row: (batch, 1) tokens and positions, ``window(...)`` slots -> (batch, vocab) fp32 logits."""
@@ -215,9 +216,8 @@ class Decoder:
             tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
         pos = torch.arange(width, device=self.device).expand(len(prompts), -1)
-        logits = self.forward(tokens, pos)
         last = torch.as_tensor(lengths, device=self.device) - 1
-        return logits[torch.arange(len(prompts), device=self.device), last].float()
+        return self.forward(tokens, pos, logits_at=last)[:, 0].float()
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,

@@ -84,6 +84,16 @@ def test_causal_and_seeded_init():
     assert full.shape == (2, 16, args.vocab_size)
 
 
+def test_logits_at_one_index_per_row():
+    args = preset_args("tiny")
+    model = build_model(args, seed=0)
+    tokens = torch.randint(0, args.vocab_size, (3, 12))
+    at = torch.tensor([11, 0, 6])
+    picked = model(tokens, logits_at=at)
+    assert picked.shape == (3, 1, args.vocab_size)
+    torch.testing.assert_close(picked[:, 0], model(tokens)[torch.arange(3), at], rtol=1e-5, atol=1e-5)
+
+
 def test_rope_tables_stay_fp32_in_bf16_model():
     model = build_model(preset_args("tiny"), dtype=torch.bfloat16, seed=0)
     assert model.rope_cos.dtype == torch.float32

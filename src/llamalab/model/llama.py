@@ -200,13 +200,15 @@ class Transformer(nn.Module):
         self.init_buffers()
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, caches=None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq).
 
         Training: only ``tokens``; attention is causal from position 0. Generation: ``input_pos`` holds the
         positions of ``tokens`` ((seq,) or (batch, seq)), ``caches`` one cache per layer and ``mask`` a boolean
         (batch or 1, 1, seq, slots) attention mask over the first ``slots`` cache entries, True where attention
-        is allowed; entries past ``slots`` are not read.
+        is allowed; entries past ``slots`` are not read. ``logits_at`` (batch,) picks one sequence index per row:
+        only those positions reach the final norm and output layer, and the logits are (batch, 1, vocab). A
+        prefill needs only each prompt's last logits, and the output layer is the largest matrix.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if input_pos is None:
@@ -215,6 +217,8 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, cos, sin, None if caches is None else caches[i], input_pos, mask)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
