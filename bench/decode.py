@@ -9,6 +9,12 @@ variant to its peer measured in the same run:
     bf16 (compiled) vs llama.cpp f16 and transformers bf16
     int8 weight-only (compiled, bf16 activations) vs llama.cpp q8_0
 
+On the CPU it also measures the memory read bandwidth in the same rounds (``torch.sum`` over 512 MiB) and prints
+each llamalab variant's roofline: at batch 1 a token must read every weight once (plus the filled cache), so
+bandwidth / bytes per token bounds any engine's tokens/s. The table says how close each variant and each peer
+target (1x llama.cpp, 3x transformers) come to that bound. A model whose weights nearly fit the last-level cache
+(``stories15m`` in bf16 or int8 here) is not held to it.
+
 Run:   .venv/bin/python bench/decode.py                 (stories15m and small, 256 new tokens, 2 threads)
 Smoke: .venv/bin/python bench/decode.py --quick
 Batch: .venv/bin/python bench/decode.py --batch-sizes 1,8,32   (llamalab tokens/s over all rows)
@@ -158,6 +164,40 @@ PEERS = {  # llamalab variant -> the peers it is compared with
 }
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 3) -> float:
+    """Bytes per second this machine reads now: the best of a few ``torch.sum`` passes over ``mib`` MiB."""
+    x = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def bytes_per_token(model: torch.nn.Module, filled: float) -> float:
+    """Bytes a batch-1 decode step reads: every weight but the embedding (one row is looked up) and the rotary
+    tables, plus the keys and values of ``filled`` cache slots."""
+    weights = sum(t.numel() * t.element_size()
+                  for name, t in [*model.named_parameters(), *model.named_buffers()]
+                  if not name.startswith(("tok_embeddings.", "rope_")))
+    args, cache_item = model.args, model.tok_embeddings.weight.element_size()  # the cache has the embedding's dtype
+    return weights + filled * args.n_layers * 2 * args.kv_heads * args.head_dim * cache_item
+
+
+def print_roofline(engines, speed: dict[str, float], bandwidth: float, filled: float) -> None:
+    print(f"roofline at {bandwidth / 1e9:.1f} GB/s read (median of the rounds):")
+    print(f"{'engine':<20} {'MB/token':>9} {'bound tok/s':>12}  share of the bound: itself, then each peer target")
+    for e in engines:
+        if not isinstance(e, Llamalab):
+            continue
+        need = bytes_per_token(e.model, filled)
+        bound = bandwidth / need
+        targets = [f"{k}x {p} {k * speed[p] / bound:.0%}" for p, k in
+                   ((p, 3 if p.startswith("transformers") else 1) for p in PEERS.get(e.name, [])) if p in speed]
+        print(f"{e.name:<20} {need / 1e6:9.1f} {bound:12.1f}  {speed[e.name] / bound:.0%}; {', '.join(targets)}")
+
+
 def bench_shape(shape: str, opts, tmp: Path) -> None:
     model, ckpt = random_checkpoint(shape, tmp, opts.new_tokens)
     engines = make_engines(shape, model, ckpt, tmp, set(opts.engines.split(",")), opts.threads,
@@ -171,16 +211,21 @@ def bench_shape(shape: str, opts, tmp: Path) -> None:
         assert len(out) == opts.new_tokens, (e.name, len(out))
         print(f"  warm-up {e.name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
     times: dict[str, list[float]] = {e.name: [] for e in engines}
+    bandwidths = []
     for _ in range(opts.repeats):  # alternate the variants so load changes hit them all alike
         for e in engines:
             t = time.perf_counter()
             e.run(opts.new_tokens)
             times[e.name].append(time.perf_counter() - t)
+        if opts.device.type == "cpu":
+            bandwidths.append(read_bandwidth())
     speed = {name: opts.new_tokens / statistics.median(ts) for name, ts in times.items()}
     print(f"{'engine':<20} {'tok/s':>8}  ratios")
     for name, tps in speed.items():
         ratios = [f"{tps / speed[p]:.2f}x {p}" for p in PEERS.get(name, []) if p in speed]
         print(f"{name:<20} {tps:8.1f}  {', '.join(ratios)}")
+    if bandwidths:
+        print_roofline(engines, speed, statistics.median(bandwidths), filled=len(PROMPT) + opts.new_tokens / 2)
 
 
 def bench_batches(shape: str, opts, tmp: Path) -> None:
