@@ -273,9 +273,9 @@ class _CompiledStep:
     from C++, not Python. With a model too small to cost anything (dim 48) a step fell from 0.73 to 0.41 ms;
     ``stories15m`` decode gained 3-5% (alternated in one process), for ~10 s more compile.
 
-    On an AVX2 CPU, one-row products with bf16 or int8 weights, and batched ones with bf16 weights whose width
-    the stock blocks do not divide, use llamalab's own micro-kernels inside inductor's template
-    (``llamalab.inference.one_row_gemm``): the stock ones read bf16 weights slower than fp32 ones.
+    On an AVX2 CPU, one-row products with bf16 or int8 weights, and batched ones with bf16 weights, use
+    llamalab's own micro-kernels inside inductor's template (``llamalab.inference.one_row_gemm``): the stock
+    ones read bf16 weights slower than fp32 ones.
 
     Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
     that tell the Decoders' versions apart run): a Decoder's shapes never change but for the attention

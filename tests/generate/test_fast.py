@@ -215,11 +215,11 @@ def _inductor_picks_avx2() -> bool:
 @pytest.mark.skipif(not _inductor_picks_avx2(), reason="the one-row kernels are for AVX2 (not AVX-512) builds")
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 @pytest.mark.parametrize("rows,out_features,in_features", [(1, 1024, 288), (1, 96, 176), (3, 1024, 288),
-                                                           (8, 160, 176)])
+                                                           (8, 160, 176), (8, 96, 176), (7, 96, 176), (32, 864, 288)])
 def test_row_kernels_are_chosen_and_exact(weights, rows, out_features, in_features):
-    """Inductor takes the one-row kernel for one row, and for bf16 weights the two-row one (with a one-row tail)
-    for more rows where the stock blocks (24 columns) do not divide N; the product equals fp32 math rounded to
-    bf16 (relative 2^-7)."""
+    """Inductor takes the one-row kernel for one row; for more rows of bf16 weights the 4x24 block where 24
+    divides N and the two-row one (with a one-row tail) otherwise, the stock kernel for int8; the product
+    equals fp32 math rounded to bf16 (relative 2^-7)."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
@@ -235,9 +235,9 @@ def test_row_kernels_are_chosen_and_exact(weights, rows, out_features, in_featur
     with fresh_cache(), one_row_kernels() as offered, inductor_config.patch(settings), torch.no_grad():
         assert offered
         y, (code, *_) = run_and_get_code(torch.compile(layer, dynamic=False), x)
-    ours = "_rows<1, " in code  # a two-row kernel holds the one-row case for an odd last row
-    assert ours == (rows == 1 or weights == "bf16")
-    assert ("_rows<2, 32, accum>" in code) == (weights == "bf16" and rows > 1)
+    assert ("_rows<1, " in code) == (rows == 1 or weights == "bf16")  # a block's last rows are its tail cases
+    block = None if rows == 1 or weights == "int8" else "4, 24" if out_features % 24 == 0 else "2, 32"
+    assert [b for b in ("4, 24", "2, 32") if f"_rows<{b}, accum>" in code] == ([block] if block else [])
     if weights == "int8":
         ref = (x.float() @ layer.weight.float().T) * layer.scales.float()
     else:

@@ -7,20 +7,23 @@ accumulators (one FMA chain per 8 columns, each waiting on the last) and loads e
 bf16 read the output layer at 10-13 GB/s, slower than the same layer in fp32.
 
 These kernels take a block of ``ROWS`` rows and ``BLOCK_N`` columns and give every 8 columns of every row their
-own accumulator, so ``ROWS * BLOCK_N / 8`` independent FMA chains run:
-- bf16: each 16 weights are one 32-byte load, split into the even and odd columns as fp32 by a shift and a mask
-  (a bf16 is the high half of an fp32), used by every row; the halves are put back in column order once per
+own accumulator, so ``ROWS * BLOCK_N / 8`` independent FMA chains run; each load of weights serves every row:
+- bf16, blocks of 16, 32 or 64 columns: each 16 weights are one 32-byte load, split into the even and odd columns as fp32
+  by a shift and a mask (a bf16 is the high half of an fp32); the halves are put back in column order once per
   block, at the store.
+- bf16, blocks of 24 columns (4 rows, 12 accumulators): each 8 weights are widened by one load-and-extend and a
+  shift.
 - int8: each 8 weights are widened to int32 by one load-and-extend and converted to fp32; the per-channel
   scales stay the template's epilogue.
 Products are summed in fp32 in k order, as the stock kernels do.
 
 They are offered to inductor only while a decode step compiles (``one_row_kernels``), on an AVX2 (not AVX-512)
-build, for bf16 activations and whole blocks: one-row blocks (``ONE_ROW_BLOCKS``) for one row, and two-row
-blocks of bf16 weights (``MULTI_ROW_BLOCKS``) for batched decoding. One-row blocks win inductor's ranking by
-dividing ``m = 1``; the two-row block wins where the stock kernel's blocks do not divide N (the 32000-wide
-output layer). The registry they join (``cpp_micro_gemm.micro_gemm_configs``) is inductor's own, not a public
-API: when it is missing, compiling falls back to the stock kernels.
+build, for bf16 activations and whole blocks: one-row blocks (``ONE_ROW_BLOCKS``) for one row, and blocks of
+bf16 weights for several rows (``MULTI_ROW_BLOCKS``) for batched decoding. They are listed ahead of inductor's
+stock blocks, whose ranking keeps the first of equals: one-row blocks win by dividing ``m = 1``, the 4×24 block
+ties the stock 4×24 one, and the 2×32 block wins where 24 does not divide the width (the 32000-wide output
+layer). The registry they join (``cpp_micro_gemm.micro_gemm_configs``) is inductor's own, not a public API:
+when it is missing, compiling falls back to the stock kernels.
 """
 
 from __future__ import annotations
@@ -40,18 +43,23 @@ inline void {{kernel_name}}_rows(
     const uint16_t* __restrict__ A, int64_t lda, const {{weight_t}}* __restrict__ B, int64_t ldb,
     float* __restrict__ C, int64_t ldc, int64_t K
 ) {
-{%- if int8_weights %}
-    constexpr int G = BLOCK_N / 8;  // groups of 8 columns: 8 int8 weights widened to fp32, one accumulator per row
+{%- if int8_weights or block_n % 16 %}
+    constexpr int G = BLOCK_N / 8;  // groups of 8 columns: 8 weights widened to fp32, one accumulator per row
     __m256 acc[ROWS][G];
     for (int r = 0; r < ROWS; ++r)
         for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
         __m256 x[ROWS];
         for (int r = 0; r < ROWS; ++r) x[r] = {{kernel_name}}_broadcast(A[r * lda + k]);
-        const int8_t* b = B + k * ldb;
+        const {{weight_t}}* b = B + k * ldb;
         for (int g = 0; g < G; ++g) {
+{%- if int8_weights %}
             const __m256 w = _mm256_cvtepi32_ps(
                 _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * g))));
+{%- else %}
+            const __m256 w = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 8 * g))), 16));
+{%- endif %}
             for (int r = 0; r < ROWS; ++r) acc[r][g] = _mm256_fmadd_ps(x[r], w, acc[r][g]);
         }
     }
@@ -138,7 +146,7 @@ def _micro_gemm_class():
 
 
 ONE_ROW_BLOCKS = [(1, 64, 1), (1, 32, 1), (1, 16, 1)]  # (rows, columns, k) register blocks, for m = 1
-MULTI_ROW_BLOCKS = {torch.bfloat16: [(2, 32, 1)]}  # for m > 1 (batched decode), by weight dtype
+MULTI_ROW_BLOCKS = {torch.bfloat16: [(4, 24, 1), (2, 32, 1)]}  # for m > 1 (batched decode), by weight dtype
 
 
 def _cache_key_pass():
@@ -193,9 +201,12 @@ def one_row_kernels():
     except (ImportError, AttributeError, TypeError):  # inductor's internals moved: keep the stock kernel
         yield False
         return
-    registry.micro_gemm_configs[cls] = configs
+    stock = dict(registry.micro_gemm_configs)
+    registry.micro_gemm_configs.clear()  # ours first: inductor keeps the first of equally ranked blocks
+    registry.micro_gemm_configs.update({cls: configs, **stock})
     try:
         with cache_key:
             yield True
     finally:
-        registry.micro_gemm_configs.pop(cls, None)
+        registry.micro_gemm_configs.clear()
+        registry.micro_gemm_configs.update(stock)
