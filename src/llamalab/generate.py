@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inference.one_row_gemm import one_row_kernels
 from .inference.quantize import Int8Linear, int8_linear
+from .inference.row_gemm import row_kernels
 from .model.llama import Attention, FeedForward
 
 __all__ = ["ContextLengthError", "Decoder", "KVCache", "blocked_argmax", "generate", "generate_tokens", "sample_next"]
@@ -274,7 +274,7 @@ class _CompiledStep:
     ``stories15m`` decode gained 3-5% (alternated in one process), for ~10 s more compile.
 
     On an AVX2 CPU, one-row products with bf16 or int8 weights, and batched ones with bf16 weights, use
-    llamalab's own micro-kernels inside inductor's template (``llamalab.inference.one_row_gemm``): the stock
+    llamalab's own micro-kernels inside inductor's template (``llamalab.inference.row_gemm``): the stock
     ones read bf16 weights slower than fp32 ones.
 
     Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
@@ -308,7 +308,7 @@ class _CompiledStep:
         if self.device_type == "cpu":
             settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", cpp_wrapper=True,
                             autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-            kernels = one_row_kernels()
+            kernels = row_kernels()
         with inductor_config.patch(settings), kernels, \
                 dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
             out = self.fn(*args)

@@ -212,7 +212,7 @@ def _inductor_picks_avx2() -> bool:
     return type(pick_vec_isa()) is VecAVX2
 
 
-@pytest.mark.skipif(not _inductor_picks_avx2(), reason="the one-row kernels are for AVX2 (not AVX-512) builds")
+@pytest.mark.skipif(not _inductor_picks_avx2(), reason="the row kernels are for AVX2 (not AVX-512) builds")
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 @pytest.mark.parametrize("rows,out_features,in_features", [(1, 1024, 288), (1, 96, 176), (3, 1024, 288),
                                                            (8, 160, 176), (8, 96, 176), (7, 96, 176), (32, 864, 288)])
@@ -223,7 +223,7 @@ def test_row_kernels_are_chosen_and_exact(weights, rows, out_features, in_featur
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
-    from llamalab.inference.one_row_gemm import one_row_kernels
+    from llamalab.inference.row_gemm import row_kernels
 
     gen = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16).eval()
@@ -232,7 +232,7 @@ def test_row_kernels_are_chosen_and_exact(weights, rows, out_features, in_featur
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
     layer = Int8Linear.from_linear(lin) if weights == "int8" else lin
     settings = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP")
-    with fresh_cache(), one_row_kernels() as offered, inductor_config.patch(settings), torch.no_grad():
+    with fresh_cache(), row_kernels() as offered, inductor_config.patch(settings), torch.no_grad():
         assert offered
         y, (code, *_) = run_and_get_code(torch.compile(layer, dynamic=False), x)
     assert ("_rows<1, " in code) == (rows == 1 or weights == "bf16")  # a block's last rows are its tail cases

@@ -1,2 +1,2 @@
-"""Inference speed-ups that keep the model's interface: int8 weight-only quantization (``quantize``) and one-row
-GEMM micro-kernels for compiled CPU decoding (``one_row_gemm``)."""
+"""Inference speed-ups that keep the model's interface: int8 weight-only quantization (``quantize``) and GEMM
+micro-kernels for one row or a block of rows, for compiled CPU decoding (``row_gemm``)."""

@@ -17,7 +17,7 @@ own accumulator, so ``ROWS * BLOCK_N / 8`` independent FMA chains run; each load
   scales stay the template's epilogue.
 Products are summed in fp32 in k order, as the stock kernels do.
 
-They are offered to inductor only while a decode step compiles (``one_row_kernels``), on an AVX2 (not AVX-512)
+They are offered to inductor only while a decode step compiles (``row_kernels``), on an AVX2 (not AVX-512)
 build, for bf16 activations and whole blocks: one-row blocks (``ONE_ROW_BLOCKS``) for one row, and blocks of
 bf16 weights for several rows (``MULTI_ROW_BLOCKS``) for batched decoding. They are listed ahead of inductor's
 stock blocks, whose ranking keeps the first of equals: one-row blocks win by dividing ``m = 1``, the 4×24 block
@@ -133,7 +133,7 @@ def _micro_gemm_class():
     from torch._inductor.codegen.common import KernelTemplate
     from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemm
 
-    class OneRowAVX2(CppMicroGemm):
+    class RowBlocksAVX2(CppMicroGemm):
         def codegen_define(self, kernel) -> str:
             int8_weights = self.input2_dtype == torch.int8
             options = {"declare_kernel": self.get_kernel_declaration(), "block_m": self.register_blocking.block_m,
@@ -142,7 +142,7 @@ def _micro_gemm_class():
                        **self.get_common_options()}
             return KernelTemplate._template_from_string(KERNEL).render(options)
 
-    return OneRowAVX2
+    return RowBlocksAVX2
 
 
 ONE_ROW_BLOCKS = [(1, 64, 1), (1, 32, 1), (1, 16, 1)]  # (rows, columns, k) register blocks, for m = 1
@@ -182,7 +182,7 @@ def _whole_blocks_on_avx2(config, m, n, k, alpha, num_threads, **kwargs) -> bool
 
 
 @contextlib.contextmanager
-def one_row_kernels():
+def row_kernels():
     """Offer the bf16 and int8 micro-kernels (one row; several rows for bf16 weights) to inductor's CPU GEMM
     template inside this block."""
     try:
