@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference.huge_pages import huge_pages_for_new_graphs
 from .inference.quantize import Int8Linear, int8_linear
 from .inference.row_gemm import row_kernels
 from .model.llama import Attention, FeedForward
@@ -277,6 +278,9 @@ class _CompiledStep:
     llamalab's own micro-kernels inside inductor's template (``llamalab.inference.row_gemm``): the stock
     ones read bf16 weights slower than fp32 ones.
 
+    On Linux the step's constants (its frozen weights) are then moved onto 2 MiB pages
+    (``llamalab.inference.huge_pages``): a step streams them all, and 4 KiB pages read ~10% slower here.
+
     Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
     that tell the Decoders' versions apart run): a Decoder's shapes never change but for the attention
     window, which the graph takes as a dynamic length and ``Decoder.window`` keeps within the cache; the full
@@ -304,12 +308,12 @@ class _CompiledStep:
         import torch._inductor.config as inductor_config
 
         settings = {"freezing": True}
-        kernels = contextlib.nullcontext()
+        kernels = pages = contextlib.nullcontext()
         if self.device_type == "cpu":
             settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", cpp_wrapper=True,
                             autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-            kernels = row_kernels()
-        with inductor_config.patch(settings), kernels, \
+            kernels, pages = row_kernels(), huge_pages_for_new_graphs()
+        with inductor_config.patch(settings), kernels, pages, \
                 dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
             out = self.fn(*args)
         self.warm = True
