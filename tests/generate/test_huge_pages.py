@@ -54,6 +54,8 @@ def test_back_with_huge_pages_keeps_values_and_maps_huge_pages():
     assert _huge_bytes(start, start + tensor.nbytes) >= moved
     assert torch.equal(tensor, expected)
     assert back_with_huge_pages([torch.randn(1000)]) == 0  # no whole huge page inside
+    if torch.backends.mkldnn.is_available():  # opaque oneDNN tensors (inductor's packed weights, one thread)
+        assert back_with_huge_pages([torch.randn(1024, 1024).to_mkldnn()]) == 0
 
 
 def test_compiled_step_weights_move_to_huge_pages(tiny_args):

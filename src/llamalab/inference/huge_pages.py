@@ -43,13 +43,15 @@ def back_with_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     """Move the whole 2 MiB pages inside each CPU tensor's storage onto huge pages; the bytes moved.
 
     Values are unchanged (the kernel copies the pages); a storage smaller than two huge pages may hold none.
+    Tensors without a plain storage (oneDNN's opaque packed weights, which inductor keeps when it picks oneDNN's
+    product, as with one thread) are left as they are.
     """
     madvise = _madvise()
     if madvise is None:
         return 0
     moved, seen = 0, set()
     for tensor in tensors:
-        if tensor.device.type != "cpu":
+        if tensor.device.type != "cpu" or tensor.layout != torch.strided:  # e.g. oneDNN's packed weights: no storage
             continue
         storage = tensor.untyped_storage()
         start = storage.data_ptr()
