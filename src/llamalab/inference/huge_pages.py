@@ -51,7 +51,7 @@ def back_with_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
         return 0
     moved, seen = 0, set()
     for tensor in tensors:
-        if tensor.device.type != "cpu" or tensor.layout != torch.strided:  # e.g. oneDNN's packed weights: no storage
+        if tensor.device.type != "cpu" or tensor.layout != torch.strided:
             continue
         storage = tensor.untyped_storage()
         start = storage.data_ptr()
