@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inference.huge_pages import huge_pages_for_new_graphs
+from .inference.huge_pages import back_with_huge_pages, huge_pages_for_new_graphs
 from .inference.quantize import Int8Linear, int8_linear
 from .inference.row_gemm import row_kernels
 from .model.llama import Attention, FeedForward
 
-__all__ = ["ContextLengthError", "Decoder", "KVCache", "blocked_argmax", "generate", "generate_tokens", "sample_next"]
+__all__ = ["ContextLengthError", "Decoder", "KVCache", "blocked_argmax", "generate", "generate_tokens", "kv_caches",
+           "sample_next"]
 
 
 class ContextLengthError(ValueError):
@@ -39,12 +40,11 @@ class ContextLengthError(ValueError):
 class KVCache(nn.Module):
     """Static per-layer key/value buffers; ``update`` writes each row's new entries at that row's positions."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, cache_len: int, head_dim: int, dtype, device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        """``k``, ``v``: zeroed (batch, kv_heads, slots, head_dim) buffers (``kv_caches`` makes them)."""
         super().__init__()
-        shape = (batch_size, n_kv_heads, cache_len, head_dim)
-        # zeros, not empty: masked slots still enter the softmax-weighted sum with weight 0, and 0 * NaN = NaN
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """``input_pos`` (batch, seq) positions; ``k``/``v`` (batch, kv_heads, seq, head_dim).
@@ -56,6 +56,22 @@ class KVCache(nn.Module):
         self.k[rows, :, input_pos] = k.transpose(1, 2)  # advanced indices first: (batch, seq, heads, dim)
         self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
+
+
+def kv_caches(n_layers: int, batch_size: int, n_kv_heads: int, cache_len: int, head_dim: int, dtype,
+              device) -> list[KVCache]:
+    """One KVCache per layer, all views of one zeroed block.
+
+    Zeros, not empty: masked slots still enter the softmax-weighted sum with weight 0, and 0 * NaN = NaN. One block,
+    so that on the CPU it can sit on 2 MiB pages (``back_with_huge_pages``; a layer's own buffer is often under
+    2 MiB): every step reads the whole filled cache. Measured on ``small`` fp32 (12 layers, 320 slots, two
+    threads): ``torch.sum`` over the caches 9.5 GB/s on 4 KiB pages, 16.3 on huge pages; the compiled step's
+    attention kernel 192 -> 173 µs per layer (profiled, six alternated rounds, faster in each).
+    """
+    block = torch.zeros((n_layers, 2, batch_size, n_kv_heads, cache_len, head_dim), dtype=dtype, device=device)
+    if block.device.type == "cpu":
+        back_with_huge_pages([block])
+    return [KVCache(layer[0], layer[1]) for layer in block]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -160,8 +176,8 @@ class Decoder:
         self.step_model = decode_view(model) if compile and self.device.type == "cpu" else model
         # one spare slot, never written or attended: no window is then the whole buffer, whose slice would be
         # contiguous, a case the compiled step would specialise on (and recompile for the last window)
-        self.caches = [KVCache(batch_size, args.kv_heads, cache_len + 1, args.head_dim, self.dtype, self.device)
-                       for _ in range(args.n_layers)]
+        self.caches = kv_caches(args.n_layers, batch_size, args.kv_heads, cache_len + 1, args.head_dim, self.dtype,
+                                self.device)
         self.slots = torch.arange(cache_len, device=self.device)
         self._windows: dict[int, torch.Tensor] = {}
         self.compiled = compile

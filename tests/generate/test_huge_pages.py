@@ -1,4 +1,5 @@
-"""Huge pages under a compiled CPU step's weights: values kept, pages really 2 MiB (read back from the kernel)."""
+"""Huge pages under a compiled CPU step's weights and a Decoder's key/value cache: values kept, pages really 2 MiB
+(read back from the kernel)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalab.generate import generate_tokens
+from llamalab.generate import Decoder, generate_tokens
 from llamalab.inference.huge_pages import HUGE_PAGE, back_with_huge_pages
 from llamalab.model import build_model
 
@@ -67,3 +68,20 @@ def test_compiled_step_weights_move_to_huge_pages(tiny_args):
     before = _process_huge_bytes()
     assert generate_tokens(model, prompts, max_new_tokens=8, compile=True) == reference
     assert _process_huge_bytes() - before >= 3 * HUGE_PAGE  # output layer (packed) and more
+
+
+def test_decoder_cache_is_one_block_on_huge_pages(tiny_args):
+    """Every layer's keys and values are views of one block (4 MiB here, each layer's part under 2 MiB), the block
+    sits on huge pages, and a prefill through it gives the model's own logits."""
+    model = build_model(tiny_args(), seed=5).eval()
+    decoder = Decoder(model, batch_size=64, cache_len=128)
+    storages = {buf.untyped_storage().data_ptr() for cache in decoder.caches for buf in (cache.k, cache.v)}
+    assert len(storages) == 1
+    block = decoder.caches[0].k.untyped_storage()
+    assert decoder.caches[0].k.nbytes < HUGE_PAGE <= block.nbytes() // 2
+    assert _huge_bytes(block.data_ptr(), block.data_ptr() + block.nbytes()) >= HUGE_PAGE
+    prompts = torch.randint(0, model.args.vocab_size, (64, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cached = decoder.prefill(prompts.tolist())
+        direct = model(prompts)[:, -1].float()
+    torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-5)

@@ -1,3 +1,3 @@
 """Inference speed-ups that keep the model's interface: int8 weight-only quantization (``quantize``), GEMM
 micro-kernels for one row or a block of rows, for compiled CPU decoding (``row_gemm``), and huge pages under
-the weights a compiled CPU step streams (``huge_pages``)."""
+the weights a compiled CPU step streams and under the key/value cache (``huge_pages``)."""

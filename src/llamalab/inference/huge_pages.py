@@ -1,4 +1,5 @@
-"""Transparent huge pages (2 MiB) under the weights a compiled CPU decode step streams.
+"""Transparent huge pages (2 MiB) under the weights a compiled CPU decode step streams (and under the key/value
+cache, ``llamalab.generate.kv_caches``).
 
 Decoding one token reads every weight once, so on a CPU it runs at the memory's read speed, and with 4 KiB
 pages part of that speed goes to page walks. Measured on the 2-core machine of docs/generate.md, two threads
