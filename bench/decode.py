@@ -11,9 +11,10 @@ variant to its peer measured in the same run:
 
 On the CPU it also measures the memory read bandwidth in the same rounds (``torch.sum`` over 512 MiB on huge
 pages, as the compiled steps' weights are) and prints each llamalab variant's roofline: at batch 1 a token must
-read every weight once (plus the filled cache), so bandwidth / bytes per token bounds any engine's tokens/s. The table says how close each variant and each peer
-target (1x llama.cpp, 3x transformers) come to that bound. A model whose weights nearly fit the last-level cache
-(``stories15m`` in bf16 or int8 here) is not held to it.
+read every weight once (plus the filled cache), so bandwidth / bytes per token bounds any engine's tokens/s.
+The table says how close each variant and each peer target (1x llama.cpp, 3x transformers) come to that
+bound. A model whose weights nearly fit the last-level cache (``stories15m`` in bf16 or int8 here) is not held
+to it.
 
 Run:   .venv/bin/python bench/decode.py                 (stories15m and small, 256 new tokens, 2 threads)
 Smoke: .venv/bin/python bench/decode.py --quick
