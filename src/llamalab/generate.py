@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference.fp32_products import fp32_products
 from .inference.huge_pages import back_with_huge_pages, huge_pages_for_new_graphs
 from .inference.quantize import Int8Linear, int8_linear
 from .inference.row_gemm import row_kernels
@@ -223,8 +224,13 @@ class Decoder:
             torch._dynamo.mark_dynamic(self._windows[length], 0)
         return self._windows[length]
 
+    @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run the right-padded prompts through the model; (batch, vocab) logits at each row's last token."""
+        """Run the right-padded prompts through the model; (batch, vocab) logits at each row's last token.
+
+        Eager, with bf16 and int8 weights multiplied in fp32 on a CPU without native bf16 (``fp32_products``):
+        a 200-token prompt for ``small`` in bf16 took 2.1 s there, 0.44 s this way.
+        """
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         tokens = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -233,7 +239,8 @@ class Decoder:
         tokens = tokens.to(self.device)
         pos = torch.arange(width, device=self.device).expand(len(prompts), -1)
         last = torch.as_tensor(lengths, device=self.device) - 1
-        return self.forward(tokens, pos, logits_at=last)[:, 0].float()
+        with fp32_products(self.model, tokens.numel()):
+            return self.forward(tokens, pos, logits_at=last)[:, 0].float()
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,

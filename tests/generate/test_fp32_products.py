@@ -1,0 +1,88 @@
+"""bf16 and int8-weight products rerouted to fp32 (for CPUs without native bf16): same numbers, used by the prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamalab.generate import Decoder
+from llamalab.inference import fp32_products as fp
+from llamalab.inference.quantize import quantize_int8, quantize_per_channel
+from llamalab.model import build_model
+
+BF16_ULP = 2.0**-7  # one unit in the last place of a bf16, relative
+
+
+def test_linear_fp32_matches_the_fp32_product_across_blocks():
+    """1100 weight rows: two whole 512-row blocks and a partial one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 96, generator=gen).bfloat16()
+    weight = torch.randn(1100, 96, generator=gen)
+    got = fp.linear_fp32(x, weight.bfloat16())
+    assert got.shape == (3, 7, 1100) and got.dtype == torch.bfloat16
+    want = F.linear(x.float(), weight.bfloat16().float())
+    torch.testing.assert_close(got.float(), want, rtol=BF16_ULP, atol=1e-5)
+
+    q, scales = quantize_per_channel(weight)
+    got = fp.linear_fp32(x, q, scales.bfloat16())
+    want = F.linear(x.float(), q.float()) * scales.bfloat16().float()
+    torch.testing.assert_close(got.float(), want, rtol=BF16_ULP, atol=1e-5)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the products the mode reroutes."""
+    counted = []
+    real = fp.linear_fp32
+
+    def counting(*args):
+        counted.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(fp, "linear_fp32", counting)
+    return counted
+
+
+def test_mode_reroutes_only_wide_bf16_and_int8_products(calls):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(48, 64, generator=gen)
+    q, scales = quantize_per_channel(weight)
+    scales = scales.bfloat16()
+    wide, narrow = (torch.randn(n, 64, generator=gen).bfloat16() for n in (fp.MIN_ROWS[torch.int8], 7))
+    with fp.Fp32Products():
+        rerouted = F.linear(wide, weight.bfloat16())
+        stock = F.linear(narrow, weight.bfloat16())
+        F.linear(wide.float(), weight)  # fp32: never rerouted
+        int8_wide = torch.ops.aten._weight_int8pack_mm(wide, q, scales)
+        int8_narrow = torch.ops.aten._weight_int8pack_mm(wide[:-1], q, scales)
+    assert len(calls) == 2
+    torch.testing.assert_close(rerouted.float(), F.linear(wide.float(), weight.bfloat16().float()),
+                               rtol=BF16_ULP, atol=1e-5)
+    assert torch.equal(stock, F.linear(narrow, weight.bfloat16()))  # untouched: the stock kernel's bits
+    torch.testing.assert_close(int8_wide.float(), torch.ops.aten._weight_int8pack_mm(wide, q, scales).float(),
+                               rtol=2 * BF16_ULP, atol=1e-4)
+    assert torch.equal(int8_narrow, torch.ops.aten._weight_int8pack_mm(wide[:-1], q, scales))
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["bf16", "int8"])
+def test_prefill_multiplies_in_fp32_where_bf16_is_slow(tiny_args, calls, monkeypatch, quantize):
+    model = build_model(tiny_args(vocab_size=256), seed=4).eval()
+    fp32_logits = Decoder(model, 1, 64).prefill([list(range(1, 41))])  # prefill enters inference mode itself
+    low = model.to(torch.bfloat16)
+    if quantize:
+        low = quantize_int8(low)
+    results = {}
+    for slow in (False, True):
+        monkeypatch.setattr(fp, "slow_bf16_cpu", lambda slow=slow: slow)
+        calls.clear()
+        results[slow] = Decoder(low, 1, 64).prefill([list(range(1, 41))])
+        # where slow: the 7 products of each of the 2 layers; the output layer sees only the last token
+        assert len(calls) == (2 * 7 if slow else 0)
+    # short prompts keep the stock kernels even where bf16 is slow
+    calls.clear()
+    Decoder(low, 1, 64).prefill([[1, 2, 3]])
+    assert calls == []
+    tolerance = 0.1 if quantize else 0.05
+    torch.testing.assert_close(results[True], fp32_logits, rtol=0, atol=tolerance)
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=tolerance)
