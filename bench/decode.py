@@ -16,6 +16,9 @@ The table says how close each variant and each peer target (1x llama.cpp, 3x tra
 bound. A model whose weights nearly fit the last-level cache (``stories15m`` in bf16 or int8 here) is not held
 to it.
 
+A second table times the prefill of a longer prompt (``--prefill-tokens``, 200 by default): the time to the
+first new token, every engine on the same prompt, alternated, with the same ratios.
+
 Run:   .venv/bin/python bench/decode.py                 (stories15m and small, 256 new tokens, 2 threads)
 Smoke: .venv/bin/python bench/decode.py --quick
 Batch: .venv/bin/python bench/decode.py --batch-sizes 1,8,32   (llamalab tokens/s over all rows)
@@ -58,6 +61,10 @@ class Engine:
     def run(self, n: int) -> list[int]:
         raise NotImplementedError
 
+    def first_token(self, prompt: list[int]) -> int:
+        """Prefill ``prompt`` and return the greedy next token."""
+        raise NotImplementedError
+
 
 class Llamalab(Engine):
     def __init__(self, name, model, compile: bool, batch: int = 1):
@@ -66,6 +73,9 @@ class Llamalab(Engine):
 
     def run(self, n):
         return generate_tokens(self.model, [PROMPT] * self.batch, max_new_tokens=n, compile=self.compile)[0]
+
+    def first_token(self, prompt):
+        return generate_tokens(self.model, [prompt], max_new_tokens=1, compile=self.compile)[0][0]
 
 
 class Transformers(Engine):
@@ -81,12 +91,15 @@ class Transformers(Engine):
         self.hf.load_state_dict(meta_to_hf_state(state, model.args), strict=True)
         self.hf.to(device=device, dtype=dtype)
 
-    def run(self, n):
-        ids = torch.tensor([PROMPT], device=self.hf.device)
+    def run(self, n, prompt=PROMPT):
+        ids = torch.tensor([prompt], device=self.hf.device)
         with torch.no_grad():
             out = self.hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
                                    pad_token_id=0, eos_token_id=None)
-        return out[0, len(PROMPT):].tolist()
+        return out[0, len(prompt):].tolist()
+
+    def first_token(self, prompt):
+        return self.run(1, prompt)[0]
 
 
 class LlamaCpp(Engine):
@@ -97,27 +110,33 @@ class LlamaCpp(Engine):
         super().__init__(name)
         self.np, self.llama_cpp = np, llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
-                                   n_ctx=n_ctx, n_batch=64, logits_all=False, verbose=False)
+                                   n_ctx=n_ctx, n_batch=512, logits_all=False, verbose=False)  # 512: its default
         self.vocab = self.llm.n_vocab()
 
+    def _next(self) -> int:
+        return int(self.np.ctypeslib.as_array(self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1),
+                                              shape=(self.vocab,)).argmax())
+
     def run(self, n):
-        llm, np = self.llm, self.np
-        llm.reset()
-        llm.eval(PROMPT)
+        self.llm.reset()
+        self.llm.eval(PROMPT)
         out = []
         for _ in range(n):
-            logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(self.vocab,))
-            tok = int(logits.argmax())
-            out.append(tok)
-            llm.eval([tok])
+            out.append(self._next())
+            self.llm.eval([out[-1]])
         return out
 
+    def first_token(self, prompt):
+        self.llm.reset()
+        self.llm.eval(prompt)
+        return self._next()
 
-def random_checkpoint(shape: str, folder: Path, new_tokens: int, seed: int = 0) -> tuple[torch.nn.Module, Path]:
-    """The preset with random weights; its context is widened when the prompt plus new tokens need more."""
+
+def random_checkpoint(shape: str, folder: Path, positions: int, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    """The preset with random weights; its context is widened when a run needs more than ``positions``."""
     args = preset_args(shape)
-    if len(PROMPT) + new_tokens > args.max_seq_len:
-        args = preset_args(shape, max_seq_len=64 * -(-(len(PROMPT) + new_tokens) // 64))
+    if positions > args.max_seq_len:
+        args = preset_args(shape, max_seq_len=64 * -(-positions // 64))
     model = build_model(args, seed=seed).eval()
     tokenizer = LLAMA_TOKENIZER if LLAMA_TOKENIZER.is_file() and args.vocab_size == 32000 else None
     path = save_pretrained(folder / shape, model, tokenizer_path=tokenizer)
@@ -203,9 +222,9 @@ def print_roofline(engines, speed: dict[str, float], bandwidth: float, filled: f
 
 
 def bench_shape(shape: str, opts, tmp: Path) -> None:
-    model, ckpt = random_checkpoint(shape, tmp, opts.new_tokens)
+    model, ckpt = random_checkpoint(shape, tmp, max(len(PROMPT) + opts.new_tokens, opts.prefill_tokens + 1))
     engines = make_engines(shape, model, ckpt, tmp, set(opts.engines.split(",")), opts.threads,
-                           n_ctx=len(PROMPT) + opts.new_tokens + 8, device=opts.device)
+                           n_ctx=max(len(PROMPT) + opts.new_tokens, opts.prefill_tokens) + 8, device=opts.device)
     where = f"{opts.threads} threads" if opts.device.type == "cpu" else torch.cuda.get_device_name(opts.device)
     print(f"\n## {shape} (dim {model.args.dim}, {model.args.n_layers} layers, vocab {model.args.vocab_size}): "
           f"batch 1, greedy, {opts.new_tokens} new tokens, {where}, median of {opts.repeats}")
@@ -230,10 +249,36 @@ def bench_shape(shape: str, opts, tmp: Path) -> None:
         print(f"{name:<20} {tps:8.1f}  {', '.join(ratios)}")
     if bandwidths:
         print_roofline(engines, speed, statistics.median(bandwidths), filled=len(PROMPT) + opts.new_tokens / 2)
+    if opts.prefill_tokens:
+        bench_prefill(engines, opts)
+
+
+def long_prompt(n: int) -> list[int]:
+    """BOS and ``n - 1`` ordinary ids, spread over a 32000 vocabulary."""
+    return [1] + [100 + (7919 * i) % 31000 for i in range(n - 1)]
+
+
+def bench_prefill(engines, opts) -> None:
+    """Time to the first token after a ``--prefill-tokens`` prompt, alternated; ratios as in the decode table."""
+    prompt = long_prompt(opts.prefill_tokens)
+    for e in engines:
+        e.first_token(prompt)  # warm-up (a new cache shape for llamalab)
+    times: dict[str, list[float]] = {e.name: [] for e in engines}
+    for _ in range(opts.repeats):
+        for e in engines:
+            t = time.perf_counter()
+            e.first_token(prompt)
+            times[e.name].append(time.perf_counter() - t)
+    print(f"prefill of a {len(prompt)}-token prompt (time to the first token), median of {opts.repeats}:")
+    print(f"{'engine':<20} {'ms':>8} {'tok/s':>8}  ratios (speed)")
+    ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    for name, t in ms.items():
+        ratios = [f"{ms[p] / t:.2f}x {p}" for p in PEERS.get(name, []) if p in ms]
+        print(f"{name:<20} {t:8.1f} {len(prompt) / t * 1e3:8.1f}  {', '.join(ratios)}")
 
 
 def bench_batches(shape: str, opts, tmp: Path) -> None:
-    model, _ = random_checkpoint(shape, tmp, opts.new_tokens)
+    model, _ = random_checkpoint(shape, tmp, len(PROMPT) + opts.new_tokens)
     sizes = [int(b) for b in opts.batch_sizes.split(",")]
     print(f"\n## {shape}: llamalab batched greedy decode, {opts.new_tokens} new tokens per row, median of {opts.repeats}")
     print(f"{'dtype':<6} {'batch':>5} {'tok/s (all rows)':>17}")
@@ -259,12 +304,13 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prefill-tokens", type=int, default=200, help="prompt length of the prefill table (0: none)")
     p.add_argument("--batch-sizes", default=None, help="e.g. 1,8,32: llamalab batched throughput instead")
     p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true", help="smoke run: stories15m, 32 tokens, 2 repeats")
     opts = p.parse_args(argv)
     if opts.quick:
-        opts.shapes, opts.new_tokens, opts.repeats = "stories15m", 32, 2
+        opts.shapes, opts.new_tokens, opts.repeats, opts.prefill_tokens = "stories15m", 32, 2, 64
     torch.set_num_threads(opts.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
