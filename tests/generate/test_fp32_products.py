@@ -86,3 +86,21 @@ def test_prefill_multiplies_in_fp32_where_bf16_is_slow(tiny_args, calls, monkeyp
     tolerance = 0.1 if quantize else 0.05
     torch.testing.assert_close(results[True], fp32_logits, rtol=0, atol=tolerance)
     torch.testing.assert_close(results[True], results[False], rtol=0, atol=tolerance)
+
+
+def test_scorer_multiplies_in_fp32_where_bf16_is_slow(tiny_args, calls, monkeypatch):
+    from llamalab.eval.harness import Scorer, TokenRequest
+
+    model = build_model(tiny_args(vocab_size=256), seed=5).eval().to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(6)
+    requests = [TokenRequest((1, *torch.randint(3, 256, (20,), generator=gen).tolist()),
+                             tuple(torch.randint(3, 256, (4,), generator=gen).tolist())) for _ in range(6)]
+    scores = {}
+    for slow in (False, True):
+        monkeypatch.setattr(fp, "slow_bf16_cpu", lambda slow=slow: slow)
+        calls.clear()
+        scores[slow] = Scorer(model, batch_size=8, progress=False).score(requests)
+        assert (len(calls) > 0) == slow
+    for (ll_stock, greedy_stock), (ll_fp32, greedy_fp32) in zip(scores[False], scores[True]):
+        assert abs(ll_fp32 - ll_stock) < 0.05 * max(1.0, abs(ll_stock))
+        assert greedy_fp32 == greedy_stock

@@ -10,7 +10,8 @@ in bf16 and 5.7 ms in fp32, and the 200-token prefill of ``small`` in bf16 took 
 two bf16 values is exact in fp32, and a bf16 product sums in fp32 as well, so the results differ from the bf16
 path only in the order of the sums (and, for int8 weights, in where the per-channel scale is applied). It pays
 from a few rows on (``MIN_ROWS``): below that the stock kernels read the weights once and are as fast or faster.
-Generation uses it for the prefill (``Decoder.prefill``); single-token steps keep the stock kernels.
+Generation uses it for the prefill (``Decoder.prefill``; single-token steps keep the stock kernels), and the
+evaluation harness for every batch it scores (``llamalab.eval.harness.Scorer``).
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ class Fp32Products(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def fp32_products(model: nn.Module, rows: int) -> contextlib.AbstractContextManager:
-    """``Fp32Products()`` when ``model`` runs on a CPU without fast bf16 and has bf16 or int8 weights that an
-    input of ``rows`` rows would reroute; else a null context (the mode costs a little on every operation)."""
+def fp32_products(model: nn.Module, rows: int | None = None) -> contextlib.AbstractContextManager:
+    """``Fp32Products()`` when ``model`` runs on a CPU without fast bf16 and has bf16 or int8 weights that inputs
+    of ``rows`` rows (None: of any size) would reroute; else a null context (the mode costs a little on every
+    operation)."""
     dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))
               and m.weight.device.type == "cpu"}
-    if any(rows >= MIN_ROWS[d] for d in dtypes & MIN_ROWS.keys()) and slow_bf16_cpu():
+    if any(rows is None or rows >= MIN_ROWS[d] for d in dtypes & MIN_ROWS.keys()) and slow_bf16_cpu():
         return Fp32Products()
     return contextlib.nullcontext()
 
