@@ -221,6 +221,20 @@ def print_roofline(engines, speed: dict[str, float], bandwidth: float, filled: f
         print(f"{e.name:<20} {need / 1e6:9.1f} {bound:12.1f}  {speed[e.name] / bound:.0%}; {', '.join(targets)}")
 
 
+def alternated(engines, call, repeats: int, after_round=None) -> dict[str, list[float]]:
+    """Seconds each ``call(engine)`` took, the engines taking turns ``repeats`` times so that load changes hit them
+    all alike; ``after_round()`` runs after each round."""
+    times: dict[str, list[float]] = {e.name: [] for e in engines}
+    for _ in range(repeats):
+        for e in engines:
+            t = time.perf_counter()
+            call(e)
+            times[e.name].append(time.perf_counter() - t)
+        if after_round is not None:
+            after_round()
+    return times
+
+
 def bench_shape(shape: str, opts, tmp: Path) -> None:
     model, ckpt = random_checkpoint(shape, tmp, max(len(PROMPT) + opts.new_tokens, opts.prefill_tokens + 1))
     engines = make_engines(shape, model, ckpt, tmp, set(opts.engines.split(",")), opts.threads,
@@ -233,15 +247,9 @@ def bench_shape(shape: str, opts, tmp: Path) -> None:
         out = e.run(opts.new_tokens)
         assert len(out) == opts.new_tokens, (e.name, len(out))
         print(f"  warm-up {e.name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    times: dict[str, list[float]] = {e.name: [] for e in engines}
     bandwidths = []
-    for _ in range(opts.repeats):  # alternate the variants so load changes hit them all alike
-        for e in engines:
-            t = time.perf_counter()
-            e.run(opts.new_tokens)
-            times[e.name].append(time.perf_counter() - t)
-        if opts.device.type == "cpu":
-            bandwidths.append(read_bandwidth())
+    times = alternated(engines, lambda e: e.run(opts.new_tokens), opts.repeats,
+                       after_round=(lambda: bandwidths.append(read_bandwidth())) if opts.device.type == "cpu" else None)
     speed = {name: opts.new_tokens / statistics.median(ts) for name, ts in times.items()}
     print(f"{'engine':<20} {'tok/s':>8}  ratios")
     for name, tps in speed.items():
@@ -263,12 +271,7 @@ def bench_prefill(engines, opts) -> None:
     prompt = long_prompt(opts.prefill_tokens)
     for e in engines:
         e.first_token(prompt)  # warm-up (a new cache shape for llamalab)
-    times: dict[str, list[float]] = {e.name: [] for e in engines}
-    for _ in range(opts.repeats):
-        for e in engines:
-            t = time.perf_counter()
-            e.first_token(prompt)
-            times[e.name].append(time.perf_counter() - t)
+    times = alternated(engines, lambda e: e.first_token(prompt), opts.repeats)
     print(f"prefill of a {len(prompt)}-token prompt (time to the first token), median of {opts.repeats}:")
     print(f"{'engine':<20} {'ms':>8} {'tok/s':>8}  ratios (speed)")
     ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
@@ -287,12 +290,7 @@ def bench_batches(shape: str, opts, tmp: Path) -> None:
         engines = [Llamalab(f"b{b}", m, compile=True, batch=b) for b in sizes]
         for e in engines:
             e.run(opts.new_tokens)
-        times = {e.name: [] for e in engines}
-        for _ in range(opts.repeats):
-            for e in engines:
-                t = time.perf_counter()
-                e.run(opts.new_tokens)
-                times[e.name].append(time.perf_counter() - t)
+        times = alternated(engines, lambda e: e.run(opts.new_tokens), opts.repeats)
         for b, e in zip(sizes, engines):
             print(f"{dtype:<6} {b:>5} {b * opts.new_tokens / statistics.median(times[e.name]):17.1f}")
 
@@ -307,7 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-tokens", type=int, default=200, help="prompt length of the prefill table (0: none)")
     p.add_argument("--batch-sizes", default=None, help="e.g. 1,8,32: llamalab batched throughput instead")
     p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu (default) or cuda")
-    p.add_argument("--quick", action="store_true", help="smoke run: stories15m, 32 tokens, 2 repeats")
+    p.add_argument("--quick", action="store_true", help="smoke run: stories15m, 32 tokens, 2 repeats, a 64-token prefill")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.shapes, opts.new_tokens, opts.repeats, opts.prefill_tokens = "stories15m", 32, 2, 64

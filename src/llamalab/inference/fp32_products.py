@@ -2,7 +2,7 @@
 
 On a CPU without AVX-512 BF16 or AMX, PyTorch's bf16 matrix product falls back to a slow path whose cost grows
 with every row: on the 2-core AVX2 machine of docs/generate.md a (200 x 768) by (768 x 2304) product took 49 ms
-in bf16 and 5.7 ms in fp32, and the 200-token prefill of ``small`` in bf16 took 2.2 s against 0.43 s in fp32.
+in bf16 and 5.7 ms in fp32, and the 200-token prefill of ``small`` in bf16 took 2.07 s against 0.46 s in fp32.
 ``aten._weight_int8pack_mm`` (int8 weights) is fast for a few rows but also grows with each one.
 
 ``Fp32Products`` reroutes those products, while it is active, to fp32: the weight is converted a block of
