@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from llamalab.commands import train as train_cmd
+from llamalab.train import trainer
 
 
 def _write_config(tmp_path, prepared) -> str:
@@ -84,3 +86,27 @@ def test_time_bounded_run_stops_on_time(tmp_path, prepared, capsys):
     train_records = [r for r in records if r["split"] == "train"]
     assert len(train_records) == 1 and train_records[0]["step"] >= 1  # the last step is logged
     assert train_records[0]["train_seconds"] >= 0.03 * 60 * 0.9
+
+
+@pytest.mark.slow
+def test_steady_throughput_leaves_out_the_first_step(make_config, monkeypatch):
+    """The first step (where compiling happens) counts in the average but not in the steady throughput."""
+    real, calls = trainer.cross_entropy_loss, []
+
+    def loss_slow_at_first(logits, targets):  # stands in for a compile inside the first forward
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return real(logits, targets)
+
+    monkeypatch.setattr(trainer, "cross_entropy_loss", loss_slow_at_first)
+    result = trainer.train(make_config("--length.steps", "4", "--checkpoint.every", "0"))
+    assert result.train_seconds > 1.5
+    assert result.steady_tokens_per_s > 2 * result.tokens_per_s
+    assert result.steady_mfu / result.mfu == pytest.approx(result.steady_tokens_per_s / result.tokens_per_s)
+    assert f"after the first step (compile, warm-up): {result.steady_tokens_per_s:,.0f} tokens/s" in \
+        "\n".join(train_cmd.summary_lines(result))
+
+    single = trainer.train(make_config("--length.steps", "1", out="single"))
+    assert single.steady_tokens_per_s is None
+    assert "after the first step" not in "\n".join(train_cmd.summary_lines(single))

@@ -30,7 +30,9 @@ def summary_lines(result) -> list[str]:
         lines.append(f"validation loss {result.val_loss:.4f} nats/token, {result.val_bpb:.4f} bits/byte "
                      f"({result.val_loss_per_byte:.4f} nats/byte)")
     lines.append(f"throughput {result.tokens_per_s:,.0f} tokens/s, MFU {100 * result.mfu:.1f}% "
-                 f"of {result.peak_flops / 1e12:.3f} TFLOP/s")
+                 f"of {result.peak_flops / 1e12:.3f} TFLOP/s"
+                 + (f"; after the first step (compile, warm-up): {result.steady_tokens_per_s:,.0f} tokens/s, "
+                    f"MFU {100 * result.steady_mfu:.1f}%" if result.steady_tokens_per_s else ""))
     if result.plot:
         lines.append(f"loss curve: {result.plot}")
     if result.final_dir:

@@ -43,8 +43,10 @@ class TrainResult:
     val_loss: float | None = None
     val_bpb: float | None = None
     val_loss_per_byte: float | None = None
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # this session's average, the first step's compile and warm-up included
     mfu: float = 0.0
+    steady_tokens_per_s: float | None = None  # after this session's first step (None: it ran only one)
+    steady_mfu: float | None = None
     peak_flops: float = 0.0
     skipped_steps: int = 0
     train_seconds: float = 0.0
@@ -289,6 +291,9 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
         peak = cfg.logging.peak_tflops * 1e12
     else:
         peak = measure_peak_flops(torch.bfloat16 if cfg.precision.mode == "bf16" else torch.float32, device)
+
+    def mfu_at(tokens_per_second: float) -> float:
+        return tokens_per_second * flops_per_token / (peak * world.world_size)
     if not cfg.checkpoint.resume and world.is_main:
         clear_previous_run(out_dir, world)
     log = MetricsLog(out_dir, cfg.logging.tensorboard, enabled=world.is_main)
@@ -358,13 +363,15 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
             tokens += step_tokens
             window_tokens += step_tokens
             losses.append(loss_value)
+            if step == start_step + 1:
+                first_step_end = train_seconds()
 
             record = {"split": "train", "step": step, "tokens": tokens, "loss": loss_value if finite else None,
                       "lr": lr, "grad_norm": norm_value if finite else None, "skipped_steps": skipped}
             if step % cfg.logging.every == 0 or step == n_steps:
                 now = time.perf_counter()
                 tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                mfu = tokens_per_s * flops_per_token / (peak * world.world_size)
+                mfu = mfu_at(tokens_per_s)
                 record.update(tokens_per_s=tokens_per_s, mfu=mfu, train_seconds=train_seconds())
                 log.log(record)
                 window_tokens, window_start = 0, now
@@ -400,25 +407,29 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
     finally:
         if bar is not None:
             bar.close()
+    trained_seconds = train_seconds()  # the final checkpoint and validation below are not training
     if window_tokens and step > start_step:  # a timed run stopped between two records: log its last step
         now = time.perf_counter()
         tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-        mfu = tokens_per_s * flops_per_token / (peak * world.world_size)
-        log.log({**record, "tokens_per_s": tokens_per_s, "mfu": mfu, "train_seconds": train_seconds()})
+        mfu = mfu_at(tokens_per_s)
+        log.log({**record, "tokens_per_s": tokens_per_s, "mfu": mfu, "train_seconds": trained_seconds})
 
     if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(step):
         last_ckpt = save()
     result = TrainResult(out_dir=out_dir, steps=step, tokens=tokens, train_loss=loss_value, skipped_steps=skipped,
-                         train_seconds=train_seconds(), peak_flops=peak, checkpoint=last_ckpt, losses=losses)
+                         train_seconds=trained_seconds, peak_flops=peak, checkpoint=last_ckpt, losses=losses)
     if validation is not None:
         val_stats = evaluate(model, validation, cfg, device, run)
         log.log({"split": "val", "step": step, "tokens": tokens, **val_stats})
         result.val_loss, result.val_bpb = val_stats["loss"], val_stats["bpb"]
         result.val_loss_per_byte = val_stats["loss_per_byte"]
     session_seconds = result.train_seconds - elapsed_before
-    if session_seconds > 0:  # this session's average, compile and warm-up included
+    if session_seconds > 0:
         result.tokens_per_s = (tokens - start_tokens) / session_seconds
-        result.mfu = result.tokens_per_s * flops_per_token / (peak * world.world_size)
+        result.mfu = mfu_at(result.tokens_per_s)
+    if step > start_step + 1:  # the first step compiles and warms up: 32 s of a 40 s GPU run (docs/training.md)
+        result.steady_tokens_per_s = (tokens - start_tokens - step_tokens) / (result.train_seconds - first_step_end)
+        result.steady_mfu = mfu_at(result.steady_tokens_per_s)
     log.close()
     if world.is_main:
         if cfg.checkpoint.save_final and world.world_size > 1:  # gather the shards from the last checkpoint
