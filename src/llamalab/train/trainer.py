@@ -294,6 +294,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
 
     def mfu_at(tokens_per_second: float) -> float:
         return tokens_per_second * flops_per_token / (peak * world.world_size)
+
     if not cfg.checkpoint.resume and world.is_main:
         clear_previous_run(out_dir, world)
     log = MetricsLog(out_dir, cfg.logging.tensorboard, enabled=world.is_main)
