@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from llamalab.generate import Decoder
 from llamalab.inference import fp32_products as fp
-from llamalab.inference.quantize import quantize_int8, quantize_per_channel
+from llamalab.inference.quantize import Int8Linear, quantize_int8, quantize_per_channel
 from llamalab.model import build_model
 
 BF16_ULP = 2.0**-7  # one unit in the last place of a bf16, relative
@@ -44,25 +44,40 @@ def calls(monkeypatch):
     return counted
 
 
-def test_mode_reroutes_only_wide_bf16_and_int8_products(calls):
+def test_only_wide_bf16_and_int8_products_are_rerouted_and_only_inside(calls, monkeypatch):
+    monkeypatch.setattr(fp, "slow_bf16_cpu", lambda: True)
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(48, 64, generator=gen)
-    q, scales = quantize_per_channel(weight)
-    scales = scales.bfloat16()
+    bf16 = torch.nn.Linear(64, 48, bias=False).bfloat16()
+    fp32 = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        bf16.weight.copy_(weight)
+        fp32.weight.copy_(weight)
+    int8 = Int8Linear.from_linear(bf16)
+    model = torch.nn.ModuleList([bf16, fp32, int8])
     wide, narrow = (torch.randn(n, 64, generator=gen).bfloat16() for n in (fp.MIN_ROWS[torch.int8], 7))
-    with fp.Fp32Products():
-        rerouted = F.linear(wide, weight.bfloat16())
-        stock = F.linear(narrow, weight.bfloat16())
-        F.linear(wide.float(), weight)  # fp32: never rerouted
-        int8_wide = torch.ops.aten._weight_int8pack_mm(wide, q, scales)
-        int8_narrow = torch.ops.aten._weight_int8pack_mm(wide[:-1], q, scales)
-    assert len(calls) == 2
+    with fp.fp32_products(model):
+        bf16(wide).float().sum().backward()  # with autograd on: the stock product
+        assert calls == [] and bf16.weight.grad is not None
+        with torch.no_grad():
+            rerouted, stock = bf16(wide), bf16(narrow)
+            fp32(wide.float())  # fp32: never rerouted
+            int8_wide, int8_narrow = int8(wide), int8(wide[:-1])
+            with fp.fp32_products(model):  # nested: the outer context keeps its layers
+                bf16(wide)
+    assert len(calls) == 3
+    assert all("forward" not in layer.__dict__ for layer in model)  # the layers are themselves again
     torch.testing.assert_close(rerouted.float(), F.linear(wide.float(), weight.bfloat16().float()),
                                rtol=BF16_ULP, atol=1e-5)
-    assert torch.equal(stock, F.linear(narrow, weight.bfloat16()))  # untouched: the stock kernel's bits
-    torch.testing.assert_close(int8_wide.float(), torch.ops.aten._weight_int8pack_mm(wide, q, scales).float(),
-                               rtol=2 * BF16_ULP, atol=1e-4)
-    assert torch.equal(int8_narrow, torch.ops.aten._weight_int8pack_mm(wide[:-1], q, scales))
+    with torch.no_grad():
+        assert torch.equal(stock, bf16(narrow))  # untouched: the stock kernel's bits
+        torch.testing.assert_close(int8_wide.float(), int8(wide).float(), rtol=2 * BF16_ULP, atol=1e-4)
+        assert torch.equal(int8_narrow, int8(wide[:-1]))
+        assert len(calls) == 3
+        monkeypatch.setattr(fp, "slow_bf16_cpu", lambda: False)  # where bf16 is fast, nothing is rerouted
+        with fp.fp32_products(model):
+            bf16(wide)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["bf16", "int8"])

@@ -5,13 +5,14 @@ with every row: on the 2-core AVX2 machine of docs/generate.md a (200 x 768) by 
 in bf16 and 5.7 ms in fp32, and the 200-token prefill of ``small`` in bf16 took 2.07 s against 0.46 s in fp32.
 ``aten._weight_int8pack_mm`` (int8 weights) is fast for a few rows but also grows with each one.
 
-``Fp32Products`` reroutes those products, while it is active, to fp32: the weight is converted a block of
-``BLOCK_ROWS`` rows at a time into a reused buffer that stays in cache, and multiplied there. Every product of
-two bf16 values is exact in fp32, and a bf16 product sums in fp32 as well, so the results differ from the bf16
-path only in the order of the sums (and, for int8 weights, in where the per-channel scale is applied). It pays
-from a few rows on (``MIN_ROWS``): below that the stock kernels read the weights once and are as fast or faster.
-Generation uses it for the prefill (``Decoder.prefill``; single-token steps keep the stock kernels), and the
-evaluation harness for every batch it scores (``llamalab.eval.harness.Scorer``).
+While ``fp32_products(model)`` is active, the model's bf16 ``nn.Linear`` and ``Int8Linear`` layers compute such
+products in fp32 (``linear_fp32``): the weight is converted a block of ``BLOCK_ROWS`` rows at a time into a
+reused buffer that stays in cache, and multiplied there. Every product of two bf16 values is exact in fp32, and
+a bf16 product sums in fp32 as well, so the results differ from the bf16 path only in the order of the sums
+(and, for int8 weights, in applying the per-channel scale in fp32). It pays from a few rows on (``MIN_ROWS``):
+below that the stock kernels read the weights once and are as fast or faster. Generation uses it for the
+prefill (``Decoder.prefill``; single-token steps keep the stock kernels), and the evaluation harness for every
+batch it scores (``llamalab.eval.harness.Scorer``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ import contextlib
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..train.metrics import fast_bf16
-from .quantize import Int8Linear
+from .quantize import Int8Linear, fused_kernel_fits
 
 BLOCK_ROWS = 512  # weight rows converted per block: 1.5 MiB of fp32 at 768 columns
 # Fewest input rows for which the fp32 route was faster (2 threads; small's shapes, measured per product):
@@ -59,35 +58,46 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
     return out_t.t().to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-class Fp32Products(TorchFunctionMode):
-    """While active, eager ``F.linear`` with bf16 operands and ``aten._weight_int8pack_mm`` run ``linear_fp32``
-    when the input has at least ``MIN_ROWS`` rows; everything else runs unchanged."""
-
-    _INT8_MM = (torch.ops.aten._weight_int8pack_mm, torch.ops.aten._weight_int8pack_mm.default)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if bias is None and x.dtype == weight.dtype == torch.bfloat16 and _rows(x) >= MIN_ROWS[torch.bfloat16]:
-                return linear_fp32(x, weight)
-        elif func in self._INT8_MM:
-            x, weight, scales = args
-            if _rows(x) >= MIN_ROWS[torch.int8]:
-                return linear_fp32(x, weight, scales)
-        return func(*args, **kwargs)
-
-
 def fp32_products(model: nn.Module, rows: int | None = None) -> contextlib.AbstractContextManager:
-    """``Fp32Products()`` when ``model`` runs on a CPU without fast bf16 and has bf16 or int8 weights that inputs
-    of ``rows`` rows (None: of any size) would reroute; else a null context (the mode costs a little on every
-    operation)."""
-    dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))
-              and m.weight.device.type == "cpu"}
-    if any(rows is None or rows >= MIN_ROWS[d] for d in dtypes & MIN_ROWS.keys()) and slow_bf16_cpu():
-        return Fp32Products()
+    """A context in which the bf16 and int8 linear layers of ``model`` on a CPU without fast bf16 compute inputs
+    of ``MIN_ROWS`` rows or more with ``linear_fp32``; a null context where no layer would (``rows``: the rows
+    the caller will feed, None if unknown)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear)) and m.weight.device.type == "cpu"
+              and m.weight.dtype in MIN_ROWS and getattr(m, "bias", None) is None]
+    if any(rows is None or rows >= MIN_ROWS[m.weight.dtype] for m in layers) and slow_bf16_cpu():
+        return _fp32_forwards(layers)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fp32_forwards(layers: list[nn.Module]):
+    """Each layer's ``forward`` shadowed by an instance attribute, removed on exit (layers already shadowed, by
+    an enclosing context, are left to it).
+
+    Only the linear layers are touched: a ``TorchFunctionMode`` that picked the same products out of every
+    operation cost 5-10 ms per prefill (1.13-1.28x slower ``stories15m`` bf16 and int8 prefills, measured).
+    """
+    mine = [layer for layer in layers if "forward" not in layer.__dict__]
+    for layer in mine:
+        layer.forward = functools.partial(_fp32_forward, layer, type(layer).forward.__get__(layer))
+    try:
+        yield
+    finally:
+        for layer in mine:
+            del layer.forward
+
+
+def _fp32_forward(layer: nn.Module, stock, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled():  # inference only: the blocked product writes into buffers autograd can't track
+        return stock(x)
+    flat_rows = _rows(x)
+    if isinstance(layer, Int8Linear):  # the fused int8 kernel is the quick one up to a few dozen rows
+        fused = fused_kernel_fits(layer.weight, x.reshape(-1, x.shape[-1]))
+        if flat_rows >= MIN_ROWS[torch.int8 if fused else torch.bfloat16]:
+            return linear_fp32(x, layer.weight, layer.scales)
+    elif flat_rows >= MIN_ROWS[torch.bfloat16]:
+        return linear_fp32(x, layer.weight)
+    return stock(x)
 
 
 def _rows(x: torch.Tensor) -> int:

@@ -52,14 +52,14 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     """``x @ (weight * scales[:, None]).T`` for an int8 ``weight`` (out, in) and per-row ``scales``."""
     out_features, in_features = weight.shape
     flat = x.reshape(-1, in_features)
-    if _fused_kernel_fits(weight, flat):
+    if fused_kernel_fits(weight, flat):
         out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales.to(x.dtype))
     else:  # dequantize on the fly (inductor folds the conversion into a float weight when frozen)
         out = nn.functional.linear(flat, weight.to(x.dtype)) * scales.to(x.dtype)
     return out.reshape(*x.shape[:-1], out_features)
 
 
-def _fused_kernel_fits(weight: torch.Tensor, flat: torch.Tensor) -> bool:
+def fused_kernel_fits(weight: torch.Tensor, flat: torch.Tensor) -> bool:
     """Whether ``aten._weight_int8pack_mm`` is safe here.
 
     Measured on torch 2.13 CPU: it returns wrong numbers when ``in_features`` is not a multiple of 8
