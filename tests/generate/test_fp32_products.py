@@ -14,13 +14,15 @@ from llamalab.model import build_model
 BF16_ULP = 2.0**-7  # one unit in the last place of a bf16, relative
 
 
-def test_linear_fp32_matches_the_fp32_product_across_blocks():
-    """1100 weight rows: two whole 512-row blocks and a partial one."""
+@pytest.mark.parametrize("batch", [(3, 7), (2, 150)], ids=["transposed", "row-major"])
+def test_linear_fp32_matches_the_fp32_product_across_blocks(batch):
+    """1100 weight rows: two whole 512-row blocks and a partial one; 21 input rows, or 300 (row-major)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 7, 96, generator=gen).bfloat16()
+    x = torch.randn(*batch, 96, generator=gen).bfloat16()
     weight = torch.randn(1100, 96, generator=gen)
     got = fp.linear_fp32(x, weight.bfloat16())
-    assert got.shape == (3, 7, 1100) and got.dtype == torch.bfloat16
+    assert got.shape == (*batch, 1100) and got.dtype == torch.bfloat16
+    assert got.is_contiguous() == (batch[0] * batch[1] >= fp.ROW_MAJOR_ROWS)
     want = F.linear(x.float(), weight.bfloat16().float())
     torch.testing.assert_close(got.float(), want, rtol=BF16_ULP, atol=1e-5)
 
