@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="continuations per forward batch (default 32)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="model precision (bf16 is ~4x faster on CPUs with AVX-512 BF16; elsewhere its products run "
-                        "in fp32, as fast as fp32; log-softmax stays fp32)")
+                        "in fp32 and it stays slower than fp32; log-softmax stays fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="write results (per-example predictions and log-likelihoods) as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
