@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference.cache_key import cache_key_pass, weights_digest
 from .inference.fp32_products import fp32_products
 from .inference.huge_pages import back_with_huge_pages, huge_pages_for_new_graphs
 from .inference.quantize import Int8Linear, int8_linear
@@ -187,7 +188,8 @@ class Decoder:
 
     def _compile(self, fn):
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        return _CompiledStep(torch.compile(fn, mode=mode, fullgraph=True, dynamic=False), self.device.type)
+        return _CompiledStep(torch.compile(fn, mode=mode, fullgraph=True, dynamic=False), self.device.type,
+                             self.model)
 
     def reset(self) -> None:
         for cache in self.caches:
@@ -311,10 +313,14 @@ class _CompiledStep:
     On CUDA the step is a CUDA graph whose output lives in the graph's own memory, overwritten by the next
     replay; the caller feeds one step's token into the next and may keep logits, so each output is cloned
     (a few bytes per row, or one row of logits) and each call starts a new graph step.
+
+    Inductor's FX graph cache keys the compile on a digest of the model's weights
+    (``llamalab.inference.cache_key``): it keys a frozen graph on the weights' shapes only, and would serve a
+    model of the same shape the packed weights of another.
     """
 
-    def __init__(self, fn, device_type: str):
-        self.fn, self.device_type, self.warm = fn, device_type, False
+    def __init__(self, fn, device_type: str, model: nn.Module):
+        self.fn, self.device_type, self.model, self.warm = fn, device_type, model, False
 
     def __call__(self, *args):
         if self.device_type == "cuda":
@@ -329,7 +335,8 @@ class _CompiledStep:
         import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
-        settings = {"freezing": True}
+        settings = {"freezing": True,
+                    "post_grad_custom_pre_pass": cache_key_pass("llamalab-weights-" + weights_digest(self.model))}
         kernels = pages = contextlib.nullcontext()
         if self.device_type == "cpu":
             settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", cpp_wrapper=True,

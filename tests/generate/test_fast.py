@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llamalab.generate import StackedLinear, blocked_argmax, decode_view, generate_tokens, get_decoder
+from llamalab.inference.cache_key import weights_digest
 from llamalab.inference.quantize import Int8Linear, quantize_int8, quantize_per_channel
 from llamalab.model import build_model
 
@@ -128,6 +129,34 @@ def test_compiled_steps_of_two_models_stay_apart(model):
     assert expected[0] != expected[1]
     for _ in range(2):
         assert [generate_tokens(m, prompts, max_new_tokens=12, compile=True) for m in (model, other)] == expected
+
+
+@pytest.mark.slow
+def test_compiled_bf16_models_of_one_shape_keep_their_own_weights(tiny_args):
+    """Inductor's FX graph cache keys a frozen graph on the weights' shapes, and serves its packed copies of the
+    weights from the cache entry: the second bf16 model of a shape, compiled after the first has filled the
+    entry, must still decode with its own weights (it decoded with the first one's before the weights' digest
+    joined the key)."""
+    tokens = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(3))
+    for seed in (4, 5):
+        bf16 = build_model(tiny_args(n_layers=1), seed=seed).eval().to(torch.bfloat16)
+        ref = decode_logits(bf16, tokens, 4, compile=False)
+        assert (decode_logits(bf16, tokens, 4, compile=True) - ref).abs().max() <= 0.03 * ref.std()
+
+
+def test_weights_digest_covers_values_buffers_and_dtype(tiny_args):
+    model = build_model(tiny_args(), seed=0).eval()
+    digest = weights_digest(model)
+    assert digest == weights_digest(build_model(tiny_args(), seed=0).eval())
+    assert digest != weights_digest(build_model(tiny_args(), seed=1).eval())
+    assert digest != weights_digest(copy_model(model, torch.bfloat16))
+    with torch.no_grad():
+        model.layers["1"].ffn_norm.weight[7] += 1e-3  # one value of one small tensor
+    assert digest != weights_digest(model)
+    int8 = quantize_int8(copy_model(model))
+    changed = quantize_int8(copy_model(model))
+    changed.output.scales[0] *= 2  # a buffer, not a parameter
+    assert weights_digest(int8) != weights_digest(changed)
 
 
 @pytest.mark.slow

@@ -29,9 +29,12 @@ when it is missing, compiling falls back to the stock kernels.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 
 import torch
+
+from .cache_key import cache_key_pass
 
 KERNEL = r"""
 inline __m256 {{kernel_name}}_broadcast(uint16_t bf16) {  // one bf16 as fp32 in all 8 lanes
@@ -150,26 +153,11 @@ MULTI_ROW_BLOCKS = {torch.bfloat16: [(4, 24, 1), (2, 32, 1)]}  # for m > 1 (batc
 
 
 def _cache_key_pass():
-    """A pass that changes nothing but puts the kernels' source and blocks into inductor's FX graph cache key.
-
-    The cache does not see the micro-kernel registry: without this, a graph compiled earlier with the stock
-    kernels (or an older version of these) would be served from the cache, and these kernels' graphs to
-    compiles made without them.
-    """
-    import hashlib
-
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
+    """Put the kernels' source and blocks into inductor's FX graph cache key (``cache_key``): without it, a graph
+    compiled earlier with the stock kernels (or an older version of these) would be served from the cache, and
+    these kernels' graphs to compiles made without them."""
     source = KERNEL + repr((ONE_ROW_BLOCKS, sorted((str(k), v) for k, v in MULTI_ROW_BLOCKS.items())))
-
-    class KernelCacheKey(CustomGraphPass):
-        def __call__(self, graph) -> None:
-            pass
-
-        def uuid(self) -> str:
-            return "llamalab-row-avx2-" + hashlib.sha256(source.encode()).hexdigest()[:16]
-
-    return KernelCacheKey()
+    return cache_key_pass("llamalab-row-avx2-" + hashlib.sha256(source.encode()).hexdigest()[:16])
 
 
 def _whole_blocks_on_avx2(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
