@@ -2,12 +2,22 @@
 
 Every command module exposes ``main(argv: list[str]) -> int`` and parses its own arguments, so commands
 with free-form overrides (``train CONFIG --section.key value``) need no special casing here.
+
+A user error (``llamalab.errors.UserError``, and the ``ValueError`` / ``OSError`` a bad file or flag raises) is
+printed as one line, ``llamalab <command>: error: ...``, with exit status 2; any other exception is a bug and
+keeps its traceback. ``--debug`` (anywhere on the command line) or ``LLAMALAB_DEBUG=1`` shows the traceback of
+user errors too.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from .errors import UserError, describe
+
+USER_ERRORS = (UserError, ValueError, OSError)
 
 COMMANDS = {
     "data": "prepare training data: clean, deduplicate, tokenize and shard a source mixture",
@@ -39,12 +49,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"llamalab {__version__}")
         return 0
+    debug = "--debug" in argv or os.environ.get("LLAMALAB_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"llamalab: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"llamalab.commands.{name}")
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"llamalab {name}: error: {describe(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llamalab {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

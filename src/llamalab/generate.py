@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .inference.cache_key import cache_key_pass, weights_digest
 from .inference.fp32_products import fp32_products
 from .inference.huge_pages import back_with_huge_pages, huge_pages_for_new_graphs
@@ -35,7 +36,7 @@ __all__ = ["ContextLengthError", "Decoder", "KVCache", "blocked_argmax", "genera
            "sample_next"]
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(UserError, ValueError):
     """A prompt plus the tokens asked for does not fit in the model's context."""
 
 

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .shards import (
     COMPLETE_NAME,
     MANIFEST_NAME,
@@ -84,7 +85,7 @@ CHUNK_CHARS = 1 << 20  # text per tokenization task sent to a worker
 DEFAULT_RECIPE = "assets/corpus/default.toml"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the file and the key."""
 
 

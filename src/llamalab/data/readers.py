@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from .text import answer_order, format_thread, html_to_text
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Document:
     meta: dict = field(default_factory=dict)
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError, ValueError):
     """A record that cannot be read; the message names the file and line (or row)."""
 
     def __init__(self, location: str, reason: str):

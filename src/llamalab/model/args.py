@@ -6,8 +6,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, of the wrong type, or out of range; the message names the field."""
 
 

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ..errors import UserError
+
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The parallel layout does not fit the world size or the model; the message says which field."""
 
 

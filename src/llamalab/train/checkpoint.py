@@ -32,13 +32,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..checkpoint import fsync_dir
+from ..errors import UserError
 
 MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder is incomplete, truncated or corrupt."""
 
 
