@@ -9,20 +9,20 @@ under the final name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fs import atomic_write_dir
 from .model import ConfigError, ModelArgs, Transformer, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
 SPECIAL_KEYS = ("bos_id", "eos_id", "pad_id", "unk_id")
+NATIVE_FILES = (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME)  # all a native folder holds: it may be replaced whole
 
 DTYPES = {
     "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
@@ -38,38 +38,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return DTYPES[dtype.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_dir(final: Path, write) -> None:
-    """Call ``write(tmpdir)`` then move the finished folder to ``final``, replacing an older one only then."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_config(folder: Path) -> tuple[ModelArgs, dict[str, int]]:
@@ -90,7 +58,9 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(folder: str | Path, model: Transformer, tokenizer_path: str | Path | None = None,
-                    special_ids: dict[str, int] | None = None, dtype: torch.dtype | None = None) -> Path:
+                    special_ids: dict[str, int] | None = None, dtype: torch.dtype | None = None,
+                    force: bool = False) -> Path:
+    """Write a native folder; an existing folder is replaced only if it holds nothing but native files."""
     folder = Path(folder)
     if special_ids is None and tokenizer_path is not None:
         from .tokenizer import Tokenizer
@@ -107,8 +77,9 @@ def save_pretrained(folder: str | Path, model: Transformer, tokenizer_path: str 
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
 
-    atomic_write_dir(folder, write)
-    return folder
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    return atomic_write_dir(folder, write, owned=NATIVE_FILES, what="native checkpoint folder", force=force,
+                            size_hint=size)
 
 
 def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:

@@ -41,6 +41,7 @@ LLAMA_TRAINER_SETTINGS = dict(
 )
 # Characters per training sentence: SentencePiece skips sentences over max_sentence_length (4192) bytes.
 SENTENCE_CHARS = 1000
+TOKENIZER_FILE = "tokenizer.model"  # what ``train_tokenizer`` writes into its output folder
 
 
 class Tokenizer:
@@ -125,7 +126,7 @@ def sample_sources(sources: Mapping[str, Iterable[str]], max_sentences: int, see
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike, *,
                     max_sentences: int = 2_000_000, seed: int = 0, num_threads: int | None = None,
-                    **overrides) -> Path:
+                    force: bool = False, **overrides) -> Path:
     """Train a SentencePiece BPE model with LLaMA's settings on (a sample of) ``texts``; returns the path of
     the written ``tokenizer.model``.
 
@@ -137,7 +138,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.
     sentences = sample_sentences(texts, max_sentences, seed=seed)
     if not sentences:
         raise ValueError("no training text for the tokenizer (all documents were empty)")
+    from .fs import atomic_write_bytes, check_output_folder
+
     output_dir = Path(output_dir)
+    check_output_folder(output_dir, (TOKENIZER_FILE, f".{TOKENIZER_FILE}.tmp-*"), "tokenizer folder", force=force)
     output_dir.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
@@ -151,11 +155,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.
     except RuntimeError as exc:  # e.g. "Vocabulary size is smaller than required_chars. 300 vs 400."
         raise ValueError(f"tokenizer training failed with vocab_size={vocab_size} on {len(sentences)} "
                          f"sentences: {exc}") from exc
-    path = output_dir / "tokenizer.model"
-    tmp = output_dir / f".tokenizer.model.{os.getpid()}.tmp"
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(output_dir / TOKENIZER_FILE, model.getvalue())
 
 
 def model_settings(model_path: str | os.PathLike) -> dict:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="training lines sampled in total (default %(default)s)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true",
+                   help="write tokenizer.model into an --output folder that holds other files (none is deleted)")
 
     e = sub.add_parser("encode", help="print the ids and pieces of a text")
     e.add_argument("--model", required=True, help="tokenizer.model or a folder holding one")
@@ -52,8 +55,10 @@ def _source_format(paths: list[str], default: str) -> tuple[str, list[str]]:
 
 def _train(args) -> int:
     from ..data.readers import BadRecord, read_documents
-    from ..tokenizer import Tokenizer, model_settings, sample_sources, train_tokenizer
+    from ..fs import check_output_folder
+    from ..tokenizer import TOKENIZER_FILE, Tokenizer, model_settings, sample_sources, train_tokenizer
 
+    check_output_folder(Path(args.output), (TOKENIZER_FILE,), "tokenizer folder", force=args.force)  # before reading
     started = time.perf_counter()
     errors: list[tuple[str, str]] = []
     sources = {}
@@ -76,7 +81,8 @@ def _train(args) -> int:
         print(f"{name}: {len(sample)} sentences from {' '.join(paths)}")
     texts = [s for sample in samples.values() for s in sample]
     try:
-        path = train_tokenizer(texts, args.vocab_size, args.output, max_sentences=len(texts), seed=args.seed)
+        path = train_tokenizer(texts, args.vocab_size, args.output, max_sentences=len(texts), seed=args.seed,
+                               force=args.force)
     except ValueError as exc:
         print(f"llamalab tokenizer train: {exc}", file=sys.stderr)
         return 2

@@ -8,9 +8,7 @@ tensors in one at a time, so a large checkpoint is held in memory about once. Th
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +73,3 @@ def write_native(out_dir: str | Path, args: ModelArgs, shapes: dict[str, tuple[i
         raise ValueError(f"{source}: no data for {missing[:10]}")
     model.eval()
     return save_pretrained(out_dir, model, tokenizer_path=tokenizer_path, special_ids=special_ids)
-
-
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

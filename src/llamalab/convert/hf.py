@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_dir
+from ..fs import atomic_write_dir
 from ..model import ModelArgs
 from ..model.args import ffn_params_for_hidden
 
@@ -179,6 +179,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> tuple[ModelAr
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+HF_FILES = ("config.json", "generation_config.json", HF_WEIGHTS, "model-*-of-*.safetensors", HF_INDEX,
+            "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -327,8 +329,7 @@ def export_hf(native_dir: str | Path, out_dir: str | Path, dtype: str | torch.dt
         if native.tokenizer_path is not None:
             write_hf_tokenizer(tmp, native.tokenizer_path, args.max_seq_len)
 
-    atomic_write_dir(Path(out_dir), write)
-    return Path(out_dir)
+    return atomic_write_dir(Path(out_dir), write, owned=HF_FILES, what="Hugging Face model folder")
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fs import atomic_file
 from ..model import ModelArgs
 from ..model.args import ffn_params_for_hidden
-from .common import atomic_file, parse_dtype, read_native, write_native
+from .common import parse_dtype, read_native, write_native
 from .spm import build_proto, load_proto
 
 HEADER = struct.Struct("<7i")

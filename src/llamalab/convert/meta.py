@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_dir
+from ..fs import atomic_write_dir
 from ..model import ModelArgs
 from .common import parse_dtype, read_native, write_native
 
@@ -162,5 +162,5 @@ def export_meta(native_dir: str | Path, out_dir: str | Path, shards: int = 1,
         if native.tokenizer_path is not None:
             (tmp / "tokenizer.model").write_bytes(native.tokenizer_path.read_bytes())
 
-    atomic_write_dir(Path(out_dir), write)
-    return Path(out_dir)
+    return atomic_write_dir(Path(out_dir), write, owned=(PARAMS, "consolidated.*.pth", "tokenizer.model"),
+                            what="Meta checkpoint folder")
