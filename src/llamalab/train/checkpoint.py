@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..checkpoint import fsync_dir
-from ..errors import UserError
+from ..errors import DiskFullError, UserError, disk_full_error, is_disk_full
+from ..fs import folder_bytes, fsync_dir
 
 MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.json"
@@ -136,7 +136,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     tmp = root / f".tmp-{step_dir_name(step)}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a writer that was killed; one run writes here at a time
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     try:
@@ -165,12 +166,42 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
             os.replace(tmp, final)
             fsync_dir(root)
             prune_checkpoints(root, keep)
-    except BaseException:
+    except BaseException as exc:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise _disk_full(root, model, exc) from exc
         raise
     _barrier()
     return final
+
+
+def _disk_full(root: Path, model, exc: BaseException) -> DiskFullError:
+    """The error for a checkpoint that did not fit: the space it needs and the checkpoint still intact."""
+    previous = next((folder for _, folder in list_checkpoints(root) if (folder / MARKER).is_file()), None)
+    if previous is not None:
+        needed = folder_bytes(previous)
+    else:  # weights and AdamW's two moments
+        needed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    err = disk_full_error(root, needed, exc)
+    intact = f"{previous.name} is intact" if previous is not None else "no earlier checkpoint exists"
+    return DiskFullError(err.errno, f"{err.strerror}; {intact}")
+
+
+def check_model_args(folder: Path, expected: dict) -> None:
+    """A CheckpointError naming every model setting that differs between the checkpoint and this run."""
+    path = Path(folder) / STATE_NAME
+    try:
+        saved = json.loads(path.read_text()).get("model_args")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if saved is None:
+        return
+    changed = [f"{k}={saved.get(k)!r} in the checkpoint, {expected.get(k)!r} now"
+               for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+    if changed:
+        raise CheckpointError(f"{folder}: saved for another model ({'; '.join(changed)}); resume with the "
+                              "checkpoint's model settings, or train into a new run.out_dir")
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -64,24 +64,54 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 class MetricsLog:
-    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool = True):
+    A resumed run (``resume_step``) first rewrites the file to what that checkpoint had seen: records of later
+    steps (which the run repeats) and a line torn by a crash or a full disk are dropped, so every (split, step)
+    has one record and the file always parses.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int | None = None,
+                 warn=None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = None
+        self.logged: set[tuple[str, int]] = set()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.is_file():
+                self._truncate_to(resume_step, warn or (lambda msg: None))
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"),
+                                            purge_step=resume_step + 1 if resume_step else None)
+
+    def _truncate_to(self, step: int, warn) -> None:
+        records, torn = _parse_lines(self.path)
+        if torn:
+            warn(f"{self.path}: dropped {len(torn)} unreadable line(s) (lines {torn[:5]}), left by an interrupted "
+                 "write")
+        kept = [r for r in records if r.get("step", 0) <= step]
+        self.logged = {(r.get("split", "train"), r.get("step")) for r in kept}
+        from ..fs import atomic_write_bytes
+
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def log(self, record: dict) -> None:
-        if not self.enabled:
+        key = (record.get("split", "train"), record["step"])
+        if not self.enabled or key in self.logged:  # a resumed run repeating a record it had already written
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.logged.add(key)
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            from ..errors import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):
+                raise disk_full_error(self.path.parent, None, exc) from exc
+            raise
         if self.writer is not None:
             step = record["step"]
             for key, value in record.items():
@@ -94,9 +124,33 @@ class MetricsLog:
             self.writer = None
 
 
+def _parse_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """(records, numbers of the lines that are not JSON objects)."""
+    records, bad = [], []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                bad.append(number)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(number)
+    return records, bad
+
+
 def read_metrics(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of a ``metrics.jsonl``; an unreadable line (a write cut short) is skipped with a warning."""
+    records, bad = _parse_lines(Path(path))
+    if bad:
+        import warnings
+
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (lines {bad[:5]})", stacklevel=2)
+    return records
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
+from ..fs import check_output_folder
 from ..model import ModelArgs, build_model
 from . import checkpoint as ckpt
 from .activation_checkpoint import apply_activation_checkpointing
@@ -113,8 +114,15 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def prepare_data(cfg: Config, world: Distributed) -> Path:
     """The prepared folder of ``[data]``: ``prepared`` as is, or the ``recipe`` (default: the built-in corpus)
     prepared by rank 0 first -- a no-op when it is already up to date."""
+    if cfg.data.recipe and not Path(cfg.data.recipe).is_file():
+        raise ConfigError(f"data.recipe: {cfg.data.recipe}: no such recipe file")
     if cfg.data.prepared and not cfg.data.recipe:
-        return Path(cfg.data.prepared)
+        folder = Path(cfg.data.prepared)
+        if not (folder / "manifest.json").is_file():
+            why = "does not exist" if not folder.exists() else "is not a prepared data folder (no manifest.json)"
+            raise ConfigError(f"data.prepared: {folder} {why}; write one with `llamalab data prepare RECIPE "
+                              f"--output {folder}` or set data.recipe")
+        return folder
     from ..data.prepare import prepare
 
     folder = None
@@ -186,6 +194,10 @@ def evaluate(model, validation, cfg: Config, device: torch.device, run=None) -> 
     return {"loss": loss, "bpb": per_byte / math.log(2), "loss_per_byte": per_byte}
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "checkpoints", "final", "loss.png", ".final.tmp-*",
+             ".final.old-*")  # all a run folder holds
+
+
 def clear_previous_run(out_dir: Path, world: Distributed) -> None:
     """A fresh start in a used ``out_dir``: drop the old run's metrics, events and checkpoints, so the plot and
     ``--resume auto`` never mix two runs (and the old, higher-numbered checkpoints are not kept over new ones)."""
@@ -197,6 +209,45 @@ def clear_previous_run(out_dir: Path, world: Distributed) -> None:
              + ", ".join(p.name for p in old) + " (use --resume auto to continue it instead)", world)
     for path in old:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def restore(cfg: Config, ckpt_root: Path, model, optimizer, args: ModelArgs, world: Distributed):
+    """(trainer state, loader state, folder) of the checkpoint ``checkpoint.resume`` names, or None to start fresh.
+
+    ``auto`` takes the newest checkpoint that verifies and loads; it starts fresh only when there is none at
+    all: checkpoints that are all unusable are an error naming each one and why, never a silent restart.
+    """
+    if cfg.checkpoint.resume != "auto":
+        folder = Path(cfg.checkpoint.resume)
+        if not folder.is_dir():
+            raise ckpt.CheckpointError(f"--resume {folder}: no such checkpoint folder")
+        return _load(folder, model, optimizer, args, world) + (folder,)
+    found = ckpt.list_checkpoints(ckpt_root)
+    if not found:
+        _log(f"--resume auto: no checkpoint under {ckpt_root}: starting fresh", world)
+        return None
+    failures = []
+    for _, folder in found:
+        try:
+            restored = _load(folder, model, optimizer, args, world) + (folder,)
+        except ckpt.CheckpointError as exc:
+            failures.append(str(exc))
+            _log(f"skipping checkpoint {folder.name}: {exc}", world)
+            continue
+        return restored
+    raise ckpt.CheckpointError(f"--resume auto: none of the {len(found)} checkpoints under {ckpt_root} can be "
+                               f"resumed: {'; '.join(failures)}. Fix or move them away, or train into a new "
+                               "run.out_dir")
+
+
+def _load(folder: Path, model, optimizer, args: ModelArgs, world: Distributed) -> tuple[dict, dict | None]:
+    ckpt.check_model_args(folder, args.to_dict())
+    try:
+        return ckpt.load_checkpoint(folder, model, optimizer, rank=world.rank)
+    except ckpt.CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"{folder}: cannot be loaded into this model and optimizer ({exc})") from exc
 
 
 def _log(msg: str, world: Distributed) -> None:
@@ -211,6 +262,8 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
     device = resolve_device(cfg.run.device, world)
     out_dir = Path(cfg.run.out_dir)
     ckpt_root = out_dir / "checkpoints"
+    if world.is_main:
+        check_output_folder(out_dir, RUN_FILES, "run folder", hint="choose another run.out_dir")
     resolve_precision(cfg, device)
     seed_everything(cfg.run.seed)
 
@@ -262,28 +315,15 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
 
     step, tokens, skipped, elapsed_before = 0, 0, 0, 0.0
     last_ckpt: Path | None = None
-    if cfg.checkpoint.resume:
-        candidates = ([Path(cfg.checkpoint.resume)] if cfg.checkpoint.resume != "auto"
-                      else ckpt.find_resumable(ckpt_root, log=lambda m: _log(m, world)))
-        for folder in candidates:
-            try:
-                state, loader_state = ckpt.load_checkpoint(folder, model, optimizer, rank=world.rank)
-            except (ckpt.CheckpointError, OSError, RuntimeError, ValueError, KeyError) as exc:
-                if cfg.checkpoint.resume != "auto":
-                    raise
-                _log(f"skipping checkpoint {folder.name}: cannot load it ({exc})", world)
-                continue
-            if loader_state is not None:
-                loader.load_state_dict(loader_state)
-            step, tokens = state["step"], state["tokens"]
-            schedule.load_state_dict(state.get("schedule", {}))
-            skipped, elapsed_before = state.get("skipped_steps", 0), state.get("train_seconds", 0.0)
-            last_ckpt = folder
-            _log(f"resumed from {folder} (step {step}, {tokens:,} tokens)", world)
-            break
-        else:
-            if cfg.checkpoint.resume == "auto":
-                _log(f"no complete checkpoint under {ckpt_root}: starting from scratch", world)
+    restored = restore(cfg, ckpt_root, model, optimizer, args, world) if cfg.checkpoint.resume else None
+    if restored is not None:
+        state, loader_state, last_ckpt = restored
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        step, tokens = state["step"], state["tokens"]
+        schedule.load_state_dict(state.get("schedule", {}))
+        skipped, elapsed_before = state.get("skipped_steps", 0), state.get("train_seconds", 0.0)
+        _log(f"resumed from {last_ckpt} (step {step}, {tokens:,} tokens)", world)
 
     start_tokens, start_step = tokens, step
     flops_per_token = training_flops_per_token(args, seq_len)
@@ -297,7 +337,8 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
 
     if not cfg.checkpoint.resume and world.is_main:
         clear_previous_run(out_dir, world)
-    log = MetricsLog(out_dir, cfg.logging.tensorboard, enabled=world.is_main)
+    log = MetricsLog(out_dir, cfg.logging.tensorboard, enabled=world.is_main, resume_step=step,
+                     warn=lambda m: _log(m, world))
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
