@@ -30,6 +30,8 @@ COMMANDS = {
     "demo": "prepare the built-in corpus, train the demo model for a few minutes, sample from it",
 }
 
+HAS_ACTIONS = {"data", "tokenizer"}  # `llamalab data prepare ...`: errors name the action too
+
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if debug:
             raise
-        print(f"llamalab {name}: error: {describe(exc)}", file=sys.stderr)
+        action = f" {rest[0]}" if name in HAS_ACTIONS and rest and not rest[0].startswith("-") else ""
+        print(f"llamalab {name}{action}: error: {describe(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llamalab {name}: interrupted", file=sys.stderr)
