@@ -19,6 +19,9 @@ class UserError(Exception):
 class DiskFullError(UserError, OSError):
     """A write ran out of space; the message names the folder, the space needed and the space free."""
 
+    def __str__(self) -> str:  # OSError's own would prefix "[Errno 28] "
+        return self.strerror or super().__str__()
+
 
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it wraps) is ENOSPC/EDQUOT, including torch's writer's own wording."""
