@@ -284,3 +284,26 @@ def test_concurrent_prepares_build_once(tmp_path, monkeypatch):
         t.join()
     assert results == [tmp_path / "out"] * 2 and len(builds) == 1
     assert load_manifest(tmp_path / "out")["sources"]["alpha"]["documents_read"] == 30
+
+
+def test_a_folder_that_is_not_prepared_data_is_never_replaced(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", documents(3, 40))
+    recipe = write_recipe(tmp_path, source("alpha", ["a.jsonl"], proportion=1))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli(["data", "prepare", str(recipe), "--output", str(mine), "--workers", "1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("llamalab data prepare: error:")
+    assert "not a llamalab prepared data folder" in err and "notes.txt" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    # a prepared folder is ours: rebuilding replaces it whole, and the new folder follows the umask
+    out = prepare(recipe, tmp_path / "out", workers=1)
+    assert prepare(recipe, out, workers=1, force=True) == out
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -40,8 +40,10 @@ def _layer_arrays(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def read_header(path: Path) -> tuple[ModelArgs, bool]:
-    """(ModelArgs, shared_classifier) from a legacy ``.bin``; clear errors for other files."""
-    raw = Path(path).read_bytes()[: HEADER.size]
+    """(ModelArgs, shared_classifier) from a legacy ``.bin``; clear errors for other files. Reads the 28 header
+    bytes only: checkpoints run to gigabytes."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER.size)
     if len(raw) < HEADER.size:
         raise ValueError(f"{path}: {len(raw)} bytes is too short for llama2.c's 28-byte header")
     if struct.unpack("<I", raw[:4])[0] == VERSIONED_MAGIC:
@@ -68,10 +70,11 @@ def read_llama2c(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     rope = 2 * args.max_seq_len * args.head_dim // 2
     layer = _layer_arrays(args)
     count = vocab * d + L * sum(int(np.prod(s)) for _, s in layer) + d + rope + (0 if shared else vocab * d)
-    have = (path.stat().st_size - HEADER.size) // 4
-    if have != count or (path.stat().st_size - HEADER.size) % 4:
-        raise ValueError(f"{path}: {path.stat().st_size - HEADER.size} bytes of weights, expected {count * 4} for "
-                         f"the header's shapes ({'tied' if shared else 'untied'} classifier)")
+    have = path.stat().st_size - HEADER.size
+    if have != count * 4:
+        problem = "the file is truncated" if have < count * 4 else "the file is longer than its header says"
+        raise ValueError(f"{path}: {have} bytes of weights, expected {count * 4} for the header's shapes "
+                         f"({'tied' if shared else 'untied'} classifier); {problem}")
     data = torch.from_numpy(np.memmap(path, dtype="<f4", mode="c", offset=HEADER.size))
     state: dict[str, torch.Tensor] = {}
     pos = 0

@@ -58,6 +58,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -153,15 +154,55 @@ class Recipe:
     path: str | None = None
 
 
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list[str]: "a string or a list of strings", dict: "a table"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a TOML value fits a field's annotation: a bool is not a number, an integer is a float."""
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(item, get_args(hint)[0]) for item in value)
+    return isinstance(value, hint)
+
+
 def _build(cls, table: dict, where: str):
+    """A recipe dataclass from its TOML table, every value checked against the field's annotation here so
+    that a wrong type is an error naming the key, not a TypeError deep in the pipeline (or silently kept).
+    A lone string stands for a one-element list of strings."""
+    _check(isinstance(table, dict), where, f"expected a table, got {_toml(table)}")
     known = set(cls.__dataclass_fields__) - {"path"} if cls is Recipe else set(cls.__dataclass_fields__)
     unknown = sorted(set(table) - known)
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    hints = get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        hint = hints[key]
+        if type(None) in get_args(hint):  # X | None: TOML has no null, so a value given is an X
+            (hint,) = (arg for arg in get_args(hint) if arg is not type(None))
+        if hint == list[str] and isinstance(value, str):
+            value = [value]
+        if not _fits(value, hint):
+            raise RecipeError(f"{where}: {key}: expected {_EXPECTED[hint]}, got {_toml(value)}")
+        values[key] = value
     try:
-        return cls(**table)
-    except TypeError as exc:
+        return cls(**values)
+    except TypeError as exc:  # a required key is missing
         raise RecipeError(f"{where}: {exc}") from None
+
+
+def _toml(value) -> str:
+    """A recipe value as TOML would spell it (strings in double quotes), for error messages."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _check_positive(spec, keys: tuple[str, ...], where: str) -> None:
+    """Sizes and counts, when given, must be above zero."""
+    for key in keys:
+        value = getattr(spec, key)
+        _check(value is None or value > 0, where, f"{key} must be > 0, got {value}")
 
 
 def _check(cond: bool, where: str, message: str) -> None:
@@ -186,7 +227,8 @@ def load_recipe(path: str | Path) -> Recipe:
     data = dict(data)
     data.setdefault("name", path.stem)
     sources = data.pop("sources", None)
-    _check(isinstance(sources, list) and sources, where, "needs at least one [[sources]] table")
+    _check(isinstance(sources, list) and sources and all(isinstance(t, dict) for t in sources), where,
+           "needs at least one [[sources]] table")
     tokenizer = _build(TokenizerSpec, data.pop("tokenizer", {}), f"{where} [tokenizer]")
     dedup = _build(DedupSpec, data.pop("dedup", {}), f"{where} [dedup]")
     specs = []
@@ -194,16 +236,9 @@ def load_recipe(path: str | Path) -> Recipe:
         swhere = f"{where} [[sources]] #{i + 1} ({table.get('name', '?')})"
         _check("name" in table and "paths" in table and "format" in table, swhere, "needs name, paths and format")
         spec = _build(SourceSpec, table, swhere)
-        if isinstance(spec.paths, str):
-            spec.paths = [spec.paths]
-        _check(isinstance(spec.paths, list) and spec.paths and all(isinstance(p, str) for p in spec.paths),
-               swhere, f"paths must be a list of file names or globs, got {spec.paths!r}")
+        _check(bool(spec.paths), swhere, "paths is empty; give file names or globs")
         _check(spec.format in FORMATS, swhere, f"format must be one of {', '.join(FORMATS)}, got {spec.format!r}")
         _check(spec.cleaner in KINDS, swhere, f"cleaner must be one of {', '.join(KINDS)}, got {spec.cleaner!r}")
-        for key in ("proportion", "epochs", "val_fraction"):
-            value = getattr(spec, key)
-            _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), swhere,
-                   f"{key} must be a number, got {value!r}")
         spec.paths = [os.path.normpath(base / os.path.expanduser(p)) for p in spec.paths]
         _check(spec.split in ("hash", "tail"), swhere, f"split must be 'hash' or 'tail', got {spec.split!r}")
         _check((spec.proportion is None) != (spec.epochs is None), swhere, "give exactly one of proportion, epochs")
@@ -215,6 +250,11 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe = _build(Recipe, {**data, "sources": specs, "tokenizer": tokenizer, "dedup": dedup}, where)
     recipe.path = str(path)
     _check(0 <= recipe.validation_fraction < 1, where, "validation_fraction must be in [0, 1)")
+    _check(recipe.seed >= 0, where, f"seed must be >= 0, got {recipe.seed}")
+    _check_positive(recipe, ("token_budget",), where)
+    _check_positive(tokenizer, ("vocab_size", "sample_chars", "max_sentences"), f"{where} [tokenizer]")
+    _check_positive(dedup, ("num_perm", "ngram"), f"{where} [dedup]")
+    _check(0 <= dedup.near_threshold <= 1, f"{where} [dedup]", "near_threshold must be in [0, 1] (0 disables)")
     _check((tokenizer.path is None) != (tokenizer.vocab_size is None), f"{where} [tokenizer]",
            "give either path (an existing SentencePiece model) or vocab_size (train one)")
     if tokenizer.path is not None:
@@ -335,7 +375,9 @@ def clean_documents(recipe: Recipe, stats: dict, *, strict: bool = False):
             st.kept += 1
             yield spec, doc, text
         if st.read == 0:
-            raise ValueError(f"source {spec.name!r}: no documents in {spec.paths} (format {spec.format!r})")
+            first = st.first_bad[0] if st.bad else None
+            bad = f"; {st.bad} bad, the first: {first['location']}: {first['reason']}" if first else ""
+            raise ValueError(f"source {spec.name!r}: no documents in {spec.paths} (format {spec.format!r}){bad}")
         if st.kept == 0:
             raise ValueError(f"source {spec.name!r}: none of its {st.read} documents survived cleaning and "
                              f"deduplication (dropped: {dict(st.dropped)}, bad records: {st.bad})")
@@ -556,6 +598,9 @@ def is_prepared(folder: str | Path, digest: str | None = None) -> bool:
         return False
 
 
+PREPARED_FILES = (MANIFEST_NAME, COMPLETE_NAME, TOKENIZER_NAME, "train", "validation")  # what a build writes
+
+
 def output_dir(recipe: Recipe) -> Path:
     return Path(recipe.output) if recipe.output else cache_dir() / "data" / recipe.name
 
@@ -565,7 +610,7 @@ def prepare(recipe_path: str | Path | None = None, output: str | Path | None = N
     """Prepare the data a recipe describes (None: the built-in corpus) and return the prepared folder.
 
     Returns at once when the folder is already complete for the same recipe and inputs (unless ``force``)."""
-    from ..checkpoint import atomic_write_dir
+    from ..fs import atomic_write_dir, check_output_folder, folder_bytes
 
     if recipe_path is None:
         recipe = load_recipe(default_recipe_path())
@@ -574,6 +619,8 @@ def prepare(recipe_path: str | Path | None = None, output: str | Path | None = N
         recipe = load_recipe(recipe_path)
         out = Path(output) if output else output_dir(recipe)
     digest = recipe_hash(recipe)
+    check_output_folder(out, PREPARED_FILES, "prepared data folder",
+                        hint="choose another --output (a prepared folder is replaced whole when rebuilt)")
     out.parent.mkdir(parents=True, exist_ok=True)
     # One builder per folder: a second process (another rank, a second terminal) waits, then finds it ready.
     with open(out.parent / f".{out.name}.lock", "w") as lock:
@@ -581,10 +628,10 @@ def prepare(recipe_path: str | Path | None = None, output: str | Path | None = N
         if not force and is_prepared(out, digest):
             log.info("%s is up to date for %s", out, recipe.path)
             return out
-        for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock, so not in use
         log.info("preparing %s into %s with %d workers", recipe.path, out, workers)
-        atomic_write_dir(out, lambda tmp: _build_prepared(recipe, digest, Path(tmp), strict, workers))
+        atomic_write_dir(out, lambda tmp: _build_prepared(recipe, digest, Path(tmp), strict, workers),
+                         owned=PREPARED_FILES, what="prepared data folder",
+                         size_hint=folder_bytes(out) if out.is_dir() else None)
     return out
 
 

@@ -3,18 +3,23 @@
 Every reader holds at most one record (or, for ``Posts.xml``, the questions still waiting for answers) in
 memory, so arbitrarily large inputs stream in constant memory. A bad record (malformed JSON, invalid UTF-8, a
 missing or non-string text field) is reported through ``on_error(location, reason)`` and skipped, or raised
-as :class:`BadRecord` with ``strict=True``; the location always names the file and line (or row).
+as :class:`BadRecord` with ``strict=True``; the location always names the file and line (or row). A compressed
+or Parquet file that is cut short or corrupt is reported the same way, once, with the file as the location;
+the documents read from it before the damage are kept (they have already streamed on).
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,8 @@ from .text import answer_order, format_thread, html_to_text
 log = logging.getLogger(__name__)
 
 FORMATS = ("text", "jsonl", "parquet", "stackexchange", "gutenberg")
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+READ_SIZE = 1 << 17  # bytes a compressed file is read and buffered by (8 KiB halves the speed)
 
 
 @dataclass
@@ -43,6 +50,10 @@ class BadRecord(UserError, ValueError):
         super().__init__(f"{location}: {reason}")
         self.location = location
         self.reason = reason
+
+
+class DamagedFile(BadRecord):
+    """A compressed or Parquet file that ends early or does not decode; the location is the file."""
 
 
 def expand_paths(paths: str | Iterable[str]) -> list[Path]:
@@ -66,16 +77,93 @@ def expand_paths(paths: str | Iterable[str]) -> list[Path]:
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
-    """Open a file for streaming, decompressing ``.gz`` and ``.zst`` transparently."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zst") or name.endswith(".zstd"):
+    """Open a file for streaming, decompressing it by its suffix (see :data:`COMPRESSIONS`).
+
+    A compressed file that is cut short or corrupt raises :class:`DamagedFile` when the reading gets there,
+    after the intact data before it."""
+    kind = COMPRESSIONS.get(path.suffix.lower())
+    if kind is None:
+        return open(path, "rb")
+    if kind == "zstd":
+        stream = _ZstdFrames(open(path, "rb"))
+    else:
+        stream = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[kind](path, "rb")
+    return io.BufferedReader(_CheckedDecompression(stream, path, kind), buffer_size=READ_SIZE)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """zstd frames decompressed one after another. Unlike ``zstandard``'s stream reader, which just stops
+    when the file does, it raises EOFError (as gzip, bz2 and lzma do) when the file ends inside a frame."""
+
+    def __init__(self, raw: io.BufferedIOBase):
         import zstandard
 
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")
+        self._raw = raw
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = None  # the decompressor of the frame being read; None between frames
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            data = self._raw.read(READ_SIZE)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                return 0
+            self._out = memoryview(self._decompress(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        """All the output of ``data``, which may end one frame and start the next."""
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._new_frame()
+            out.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _CheckedDecompression(io.RawIOBase):
+    """A decompressing stream whose truncation or corruption errors become :class:`DamagedFile`, naming the
+    file, the format and how far decompression got."""
+
+    def __init__(self, stream, path: Path, kind: str):
+        import zstandard
+
+        self._stream, self._path, self._kind = stream, path, kind
+        self._errors = (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+        self._delivered = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            n = self._stream.readinto(buffer)
+        except self._errors as exc:
+            why = ("the file ends before the end-of-stream marker: it is incomplete" if isinstance(exc, EOFError)
+                   else " ".join(str(exc).split()))
+            raise DamagedFile(str(self._path), f"truncated or corrupt {self._kind} stream after "
+                              f"{self._delivered:,} bytes of data ({why})") from exc
+        self._delivered += n
+        return n
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 def decode_gutenberg(data: bytes) -> tuple[str, str]:
@@ -98,7 +186,7 @@ def read_documents(
     paragraphs: bool = False,
 ) -> Iterator[Document]:
     """Stream documents from ``paths`` (files or globs) in format ``fmt`` (see :data:`FORMATS`); text, JSONL
-    and Gutenberg files may be ``.gz`` or ``.zst`` compressed.
+    and Gutenberg files may be compressed (see :data:`COMPRESSIONS`).
 
     ``text_field`` names the text column of JSONL and Parquet records (other fields go to ``meta``);
     ``paragraphs=True`` makes the plain-text reader yield one document per blank-line separated paragraph
@@ -117,7 +205,10 @@ def read_documents(
 
     reader = _READERS[fmt]
     for path in files:
-        yield from reader(path, source=source, text_field=text_field, bad=bad, paragraphs=paragraphs)
+        try:
+            yield from reader(path, source=source, text_field=text_field, bad=bad, paragraphs=paragraphs)
+        except DamagedFile as exc:  # the file's reader stopped there; its later records are lost
+            bad(exc.location, exc.reason)
 
 
 def _read_text(path: Path, *, source, bad, paragraphs, **_) -> Iterator[Document]:
@@ -195,12 +286,12 @@ def _read_parquet(path: Path, *, source, text_field, bad, **_) -> Iterator[Docum
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow's errors do not name the file
-        raise BadRecord(str(path), f"not a Parquet file ({exc})") from exc
+        raise DamagedFile(str(path), f"not a Parquet file, or a truncated one ({exc})") from exc
     if text_field not in pf.schema_arrow.names:
         bad(f"{path}#0", f"text field {text_field!r} missing (columns: {', '.join(pf.schema_arrow.names)})")
         return
     row = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    for batch in _parquet_batches(pf, path):
         for record in batch.to_pylist():
             location = f"{path}#{row}"
             row += 1
@@ -209,6 +300,21 @@ def _read_parquet(path: Path, *, source, text_field, bad, **_) -> Iterator[Docum
                 bad(location, f"text field {text_field!r} is {'null' if text is None else type(text).__name__}")
                 continue
             yield Document(text, source, str(record.get("id", f"{path.name}#{row - 1}")), location, record)
+
+
+def _parquet_batches(pf, path: Path):
+    """``pf``'s record batches; a row group that does not decode (a damaged file) raises DamagedFile."""
+    import pyarrow as pa
+
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise DamagedFile(str(path), f"corrupt Parquet data ({exc})") from exc
+        yield batch
 
 
 def _read_stackexchange(path: Path, *, source, bad, **_) -> Iterator[Document]:
