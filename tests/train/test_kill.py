@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors.torch import load_file
 
+from conftest import tiny_overrides
 from llamalab.config import load_config
 from llamalab.train.metrics import read_metrics
 from llamalab.train.trainer import train
