@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from train_helpers import tiny_overrides
 
 from llamalab.config import load_config
 from llamalab.data.shards import ShardWriter, finish_prepared, split_entry, token_dtype
@@ -38,16 +39,6 @@ def write_prepared(folder, train_tokens: int = 30_000, val_tokens: int = 3_000, 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     return write_prepared(tmp_path_factory.mktemp("prepared"))
-
-
-def tiny_overrides(prepared, out_dir) -> list[str]:
-    """``--section.key value`` pairs for the ``tiny`` model on the tiny data: 8 steps, quiet, fp32."""
-    return ["--model.preset", "tiny", "--data.prepared", str(prepared), "--data.seq_len", "32",
-            "--data.val_batches", "2", "--batch.global_tokens", "256", "--batch.micro_batch", "4",
-            "--length.steps", "8", "--schedule.warmup_steps", "2", "--optimizer.lr", "3e-3",
-            "--run.out_dir", str(out_dir), "--logging.every", "1", "--logging.progress", "false",
-            "--logging.tensorboard", "false", "--logging.plot", "false", "--logging.peak_tflops", "1",
-            "--checkpoint.every", "4", "--checkpoint.save_final", "false", "--precision.mode", "fp32"]
 
 
 @pytest.fixture

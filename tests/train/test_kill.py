@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import tiny_overrides
 
-from conftest import tiny_overrides
 from llamalab.config import load_config
 from llamalab.train.metrics import read_metrics
 from llamalab.train.trainer import train

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_overrides
 
-from conftest import tiny_overrides
 from llamalab.cli import main as cli
 from llamalab.train import checkpoint as ckpt
 from llamalab.train.metrics import read_metrics
