@@ -129,7 +129,7 @@ def test_load_reads_no_dcp_metadata(tmp_path):
 
 
 @pytest.fixture(params=["one process", "process group"])
-def process_group(request, tmp_path):
+def process_group(request):
     """Loads with and without a process group (then every rank's errors travel through ``all_gather_object``)."""
     if request.param == "process group":
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -163,19 +163,20 @@ def test_resume_refuses_a_payload_in_a_non_tensor_entry(real_checkpoint, tmp_pat
     assert not (tmp_path / "ran").exists()
 
 
-def test_real_checkpoint_resumes_and_converts(real_checkpoint, tmp_path, capsys):
+def test_real_checkpoint_resumes_and_converts(real_checkpoint, tmp_path):
     folder, saved = real_checkpoint
     model, optimizer = tiny_model_and_optimizer(seed=1)
     optimizer.param_groups[0]["lr"] = 0.5
     trainer_state, loader_state = ckpt.load_checkpoint(folder, model, optimizer)
     assert trainer_state["step"] == 4 and loader_state is None
     assert optimizer.param_groups[0]["lr"] == OptimizerConfig().lr  # a non-tensor entry, through weights_only
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values(), strict=True))
     assert len(optimizer.state) == len(list(model.parameters()))
 
     assert main(["convert", str(folder), str(tmp_path / "native"), "--to", "native"]) == 0
     converted, _, _ = load_model(tmp_path / "native")
-    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), saved.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), saved.state_dict().values(),
+                                                   strict=True))
 
 
 def test_unreadable_metadata_is_a_one_line_error(tmp_path, capsys):

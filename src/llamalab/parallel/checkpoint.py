@@ -44,18 +44,19 @@ def _model_prefix(keys: list[str]) -> str:
 
 def read_model_state(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model tensors of a DCP checkpoint, under Meta's names, read in one process."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .safe_dcp import load_dcp_state, read_dcp_metadata
 
     dcp_dir = Path(dcp_dir)
     if not (dcp_dir / ".metadata").is_file():
         raise FileNotFoundError(f"{dcp_dir}: not a torch.distributed.checkpoint folder (no .metadata file)")
-    metadata = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    metadata = read_dcp_metadata(dcp_dir)
     tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     prefix = _model_prefix(sorted(tensors))
     state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in tensors.items() if k.startswith(prefix)
              and not k[len(prefix):].startswith(("state.", "param_groups."))}
-    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)  # fills the tensors in place
+    load_dcp_state(state, dcp_dir, no_dist=True)  # fills the tensors in place
     return {k[len(prefix):]: v for k, v in state.items()}
 
 

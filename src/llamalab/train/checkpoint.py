@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..errors import DiskFullError, UserError, disk_full_error, is_disk_full
 from ..fs import folder_bytes, fsync_dir
+from ..parallel.safe_dcp import load_dcp_state
 
 MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.json"
@@ -228,9 +229,7 @@ def load_checkpoint(folder: Path, model, optimizer, *, rank: int = 0) -> tuple[d
         raise CheckpointError(f"{folder}: no state for rank {rank} (saved with fewer processes?)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    load_dcp_state(state, folder / "dcp")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     per_rank = json.loads(rank_file.read_text())
     tensor_rng = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True)
