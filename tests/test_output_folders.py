@@ -99,3 +99,39 @@ def test_tokenizer_train_never_writes_into_a_foreign_folder(tmp_path, capsys):
                 "--force"]) == 0
     assert sorted(p.name for p in mine.iterdir()) == ["draft.md", "tokenizer.model"]
     assert (mine / "draft.md").read_text() == "mine"
+
+
+@pytest.fixture
+def native(tmp_path):
+    from llamalab.checkpoint import save_pretrained
+    from llamalab.model import ModelArgs, build_model
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
+    return save_pretrained(tmp_path / "native", build_model(args, seed=0))
+
+
+def test_convert_into_a_foreign_folder_needs_force_and_keeps_its_files(native, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert cli(["convert", str(native), str(mine), "--to", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llamalab convert: error:") and "not a llamalab Hugging Face model folder" in err
+    assert "notes.txt" in err and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert cli(["convert", str(native), str(mine), "--to", "hf", "--force"]) == 0
+    assert {"notes.txt", "config.json", "model.safetensors"} <= {p.name for p in mine.iterdir()}
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_convert_replaces_only_a_file_of_its_own_format(native, tmp_path, capsys):
+    from llamalab.convert.detect import detect_format
+
+    target = tmp_path / "model.bin"
+    target.write_text("my notes, not a model")
+    assert cli(["convert", str(native), str(target), "--to", "llama2c"]) == 2
+    assert "exists and is not a llama2c file" in capsys.readouterr().err
+    assert target.read_text() == "my notes, not a model"
+    assert cli(["convert", str(native), str(target), "--to", "llama2c", "--force"]) == 0
+    assert detect_format(target) == "llama2c"
+    assert cli(["convert", str(native), str(target), "--to", "llama2c"]) == 0  # its own format: replaced

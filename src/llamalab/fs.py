@@ -109,9 +109,7 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None], *, owned: Itera
     final = Path(final)
     owned = list(owned)
     check_output_folder(final, owned, what, force=force)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}-", dir=final.parent))
+    tmp = staging_dir(final)
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         write(tmp)
@@ -119,10 +117,7 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None], *, owned: Itera
             if f.is_file():
                 fsync_file(f)
         if final.is_dir() and foreign_entries(final, owned):  # --force: merge, deleting nothing foreign
-            for entry in tmp.iterdir():
-                _replace(entry, final / entry.name)
-            shutil.rmtree(tmp)
-            fsync_dir(final)
+            merge_into(tmp, final)
         else:
             old = None
             if final.exists():
@@ -138,6 +133,24 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None], *, owned: Itera
             raise disk_full_error(final.parent, size_hint, exc) from exc
         raise
     return final
+
+
+def merge_into(src: Path, dst: Path) -> None:
+    """Move every entry of the folder ``src`` into ``dst`` (replacing same-named ones), then remove ``src``;
+    whatever else ``dst`` holds stays."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        _replace(entry, dst / entry.name)
+    shutil.rmtree(src)
+    fsync_dir(dst)
+
+
+def staging_dir(final: Path) -> Path:
+    """A new empty folder beside ``final`` (same file system, so ``merge_into`` renames), named as a temp
+    folder of ``final`` so that a killed writer's copy is removed by the next write."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    return Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}-", dir=final.parent))
 
 
 def _replace(src: Path, dst: Path) -> None:

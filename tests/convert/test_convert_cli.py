@@ -30,10 +30,10 @@ def test_dtype_and_errors(tmp_path, native_dir, capsys):
     from llamalab.checkpoint import load_model
 
     assert str(load_model(tmp_path / "h")[0].output.weight.dtype) == "torch.bfloat16"
-    assert main(["convert", str(native_dir), str(tmp_path / "x.bin"), "--to", "llama2c", "--dtype", "f16"]) == 1
+    assert main(["convert", str(native_dir), str(tmp_path / "x.bin"), "--to", "llama2c", "--dtype", "f16"]) == 2
     assert "float32 only" in capsys.readouterr().err
     (tmp_path / "junk").write_text("hello")
-    assert main(["convert", str(tmp_path / "junk"), str(tmp_path / "y"), "--to", "hf"]) == 1
+    assert main(["convert", str(tmp_path / "junk"), str(tmp_path / "y"), "--to", "hf"]) == 2
     assert "junk: neither GGUF" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", str(native_dir), str(tmp_path / "z"), "--to", "onnx"])

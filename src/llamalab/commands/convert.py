@@ -7,13 +7,15 @@ needs one reader and one writer. The source format is detected from the files un
 from __future__ import annotations
 
 import argparse
-import sys
+import shutil
 import tempfile
 from pathlib import Path
 
 from ..convert.detect import FORMATS, detect_format
 from ..convert.hf import DEFAULT_MAX_SHARD_SIZE
+from ..fs import OutputFolderError, merge_into, staging_dir
 
+FILE_FORMATS = ("llama2c", "gguf")  # written as one file; the others as a folder
 DTYPE_HELP = ("native/hf/meta: f32, f16 or bf16 (default: as stored); gguf: f32, f16 or q8_0 (default f32); "
               "llama2c: f32 only")
 
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help=f"hf: split model.safetensors above this (default {DEFAULT_MAX_SHARD_SIZE})")
     p.add_argument("--tokenizer", help="llama2c/meta/dcp source: tok*.bin or SentencePiece .model (llama2c: default beside it)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a DST folder that holds other files (none of them is deleted), or replace a "
+                        "DST file of another format")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="meta source: context length to record (params.json has none; default 2048)")
     return p
@@ -65,7 +70,10 @@ def to_native(src: Path, fmt: str, out: Path, args) -> Path:
         from ..convert.gguf import import_gguf
 
         if src.is_dir():
-            src = next(src.glob("*.gguf"))
+            found = sorted(src.glob("*.gguf"))
+            if not found:
+                raise FileNotFoundError(f"{src}: no .gguf file in this folder")
+            src = found[0]
         return import_gguf(src, out, dtype=dtype)
     from ..checkpoint import save_pretrained
     from ..convert.common import read_native
@@ -102,22 +110,46 @@ def describe(path: Path) -> str:
     return f"{path} ({size / 1e6:.1f} MB: {names})"
 
 
+def convert(src: Path, dst: Path, args) -> Path:
+    fmt = args.src_format or detect_format(src)
+    print(f"reading {src} as {fmt}")
+    if args.to == "native":
+        return to_native(src, fmt, dst, args)
+    if fmt == "native":
+        return from_native(src, dst, args)
+    with tempfile.TemporaryDirectory(prefix="llamalab-convert-") as tmp:
+        return from_native(to_native(src, fmt, Path(tmp) / "native", args), dst, args)
+
+
+def check_output_file(dst: Path, fmt: str, force: bool) -> None:
+    """A file output replaces only a file of its own format (or anything, with ``force``); never a folder."""
+    if dst.is_dir():
+        raise OutputFolderError(f"{dst}: is a folder; --to {fmt} writes one file")
+    if dst.exists() and not force:
+        try:
+            same = detect_format(dst) == fmt
+        except ValueError:
+            same = False
+        if not same:
+            raise OutputFolderError(f"{dst}: exists and is not a {fmt} file; choose another name, or pass --force "
+                                    "to replace it")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
-    try:
-        fmt = args.src_format or detect_format(src)
-        print(f"reading {src} as {fmt}")
-        if args.to == "native":
-            out = to_native(src, fmt, dst, args)
-        elif fmt == "native":
-            out = from_native(src, dst, args)
-        else:
-            with tempfile.TemporaryDirectory(prefix="llamalab-convert-") as tmp:
-                native = to_native(src, fmt, Path(tmp) / "native", args)
-                out = from_native(native, dst, args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"llamalab convert: error: {exc}", file=sys.stderr)
-        return 1
+    if args.to in FILE_FORMATS:
+        check_output_file(dst, args.to, args.force)
+        out = convert(src, dst, args)
+    elif args.force and dst.is_dir() and any(dst.iterdir()):  # write aside, then move in beside what is there
+        staged = staging_dir(dst)
+        try:
+            convert(src, staged / "out", args)
+            merge_into(staged / "out", dst)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        out = dst
+    else:
+        out = convert(src, dst, args)
     print(f"wrote {args.to}: {describe(out)}")
     return 0
