@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
 from .fs import atomic_write_dir
 from .model import ConfigError, ModelArgs, Transformer, build_model
 
@@ -40,14 +44,45 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
-def read_config(folder: Path) -> tuple[ModelArgs, dict[str, int]]:
-    path = Path(folder) / CONFIG_NAME
+NATIVE_LAYOUT = f"a llamalab checkpoint is a folder holding {CONFIG_NAME}, {WEIGHTS_NAME} and {TOKENIZER_NAME}"
+
+
+class CorruptFileError(UserError, ValueError):
+    """A weights file that cannot be parsed: cut short by a failed copy or download, or not that format at all."""
+
+
+@contextmanager
+def naming_safetensors_errors(path: Path) -> Iterator[None]:
+    """Name ``path`` in safetensors' parse errors, which name no file."""
     try:
-        data = json.loads(path.read_text())
+        yield
+    except SafetensorError as exc:
+        raise CorruptFileError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
+
+
+def read_json_object(path: Path, layout: str) -> dict:
+    """The JSON object in ``path``; errors name the file, the line and, for a missing file, ``layout``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; a llamalab checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}") from None
+        raise FileNotFoundError(f"{path}: missing; {layout}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); expected a JSON object") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def read_config(folder: Path) -> tuple[ModelArgs, dict[str, int]]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder; {NATIVE_LAYOUT}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: a file, not a folder; {NATIVE_LAYOUT}")
+    path = folder / CONFIG_NAME
+    data = read_json_object(path, NATIVE_LAYOUT)
     special = {k: data.pop(k) for k in SPECIAL_KEYS if k in data}
     return ModelArgs.from_dict(data, source=str(path)), special
 
@@ -107,8 +142,13 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
     args, special = read_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing")
-    state = load_file(str(weights), device=str(device))
+        raise FileNotFoundError(f"{weights}: missing; {NATIVE_LAYOUT}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # a CPU-only torch asserts on "cuda"
+        raise UserError(f"device {str(device)!r} is not usable here ({exc})") from None
+    with naming_safetensors_errors(weights):
+        state = load_file(str(weights), device=str(device))
     stored = next(iter(state.values())).dtype if state else torch.float32
     model = build_model(args, device=device, dtype=dtype or stored, init=False)
     load_state_into(model, state, str(weights))

@@ -53,7 +53,8 @@ class Tokenizer:
         if self.path.is_dir():
             self.path = self.path / "tokenizer.model"
         if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {self.path}")
+            raise FileNotFoundError(f"{self.path}: no such file; expected a SentencePiece tokenizer.model "
+                                    "or a folder holding one")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(self.path))

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2
 
-from llamalab.commands.tokenizer import main as tokenizer_cli
+from llamalab.cli import main as cli
 from llamalab.data.readers import read_documents
 from llamalab.tokenizer import Tokenizer, sample_sources, train_tokenizer
 
@@ -143,12 +143,13 @@ def test_cli_train_encode_info(tmp_path, capsys, shared):
     code.write_text("".join(json.dumps({"content": f"def f{i}(x):\n    return x * {i}\n"}) + "\n"
                             for i in range(300)) + "{bad json\n")
     out = tmp_path / "tok"
-    rc = tokenizer_cli(["train", "--input", str(books), "--input", str(code), "--format", "jsonl",
+    rc = cli(["tokenizer", "train", "--input", str(books), "--input", str(code), "--format", "jsonl",
                         "--text-field", "content", "--vocab-size", "400", "--output", str(out),
                         "--max-sentences", "3000"])
     captured = capsys.readouterr()
-    assert rc == 2 and "source0" in captured.err and "has no text" in captured.err  # the book is not JSONL
-    rc = tokenizer_cli(["train", "--input", str(code), "--format", "jsonl", "--text-field", "content",
+    assert rc == 2 and captured.err.strip().endswith(f"llamalab tokenizer train: error: --input {books}: no text in "
+                                                     "these files")  # the book is not JSONL
+    rc = cli(["tokenizer", "train", "--input", str(code), "--format", "jsonl", "--text-field", "content",
                         "--input", f"gutenberg:{books}", "--vocab-size", "400", "--output", str(out),
                         "--max-sentences", "3000"])
     captured = capsys.readouterr()
@@ -156,11 +157,12 @@ def test_cli_train_encode_info(tmp_path, capsys, shared):
     assert "source0: 600 sentences" in captured.out and "1 bad records skipped" in captured.out
     assert "source1: 1500 sentences" in captured.out  # the book, capped at half the budget
     assert f"{code}:301: malformed JSON" in captured.err
-    assert tokenizer_cli(["encode", "--model", str(out), "--json", "--no-bos", "x = 42"]) == 0
+    assert cli(["tokenizer", "encode", "--model", str(out), "--json", "--no-bos", "x = 42"]) == 0
     ids = json.loads(capsys.readouterr().out)
     tok = Tokenizer(out / "tokenizer.model")
     assert ids == tok.encode("x = 42", bos=False) and tok.decode(ids) == "x = 42"
-    assert tokenizer_cli(["info", "--model", str(out)]) == 0
+    assert cli(["tokenizer", "info", "--model", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["split_digits"] and info["byte_fallback"] and info["vocab_size"] == 400
-    assert tokenizer_cli(["info", "--model", str(tmp_path / "missing")]) == 2
+    assert cli(["tokenizer", "info", "--model", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith(f"llamalab tokenizer info: error: {tmp_path / 'missing'}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -44,23 +43,22 @@ def main(argv: list[str]) -> int:
     import torch
 
     import llamalab
+    from llamalab.errors import UserError
     from llamalab.eval.harness import Evaluator, evaluate_tasks
     from llamalab.eval.scoring import markdown_table, matching_preset
     from llamalab.eval.tasks import parse_tasks
 
-    try:
-        tasks = parse_tasks(args.tasks)
-    except ValueError as exc:
-        print(f"llamalab eval: {exc}", file=sys.stderr)
-        return 2
+    tasks = parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
-        print("llamalab eval: --limit must be a positive integer", file=sys.stderr)
-        return 2
+        raise UserError(f"--limit must be a positive integer, got {args.limit}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # before the scoring, not after it
+        raise UserError(f"--output {args.output}: its folder does not exist")
+    if args.perplexity and not Path(args.perplexity).is_file():
+        raise UserError(f"--perplexity {args.perplexity}: no such file")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     pre = llamalab.load(args.checkpoint, dtype=dtype, device=args.device)
     if pre.tokenizer is None:
-        print(f"llamalab eval: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.checkpoint}: no tokenizer.model; eval needs one to turn the text into tokens")
     evaluator = Evaluator(pre.model, pre.tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
 
     if args.perplexity:

@@ -33,21 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.prompt and args.interactive:
-        print("llamalab generate: give --prompt or --interactive, not both", file=sys.stderr)
-        return 2
-
     import llamalab
+    from llamalab.errors import UserError, describe
 
-    try:
-        pretrained = llamalab.load(args.checkpoint, dtype=args.dtype, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"llamalab generate: {exc}", file=sys.stderr)
-        return 1
+    if args.prompt and args.interactive:
+        raise UserError("give --prompt or --interactive, not both")
+    pretrained = llamalab.load(args.checkpoint, dtype=args.dtype, device=args.device)
     if pretrained.tokenizer is None:
-        print(f"llamalab generate: {args.checkpoint} has no tokenizer.model; cannot turn text into tokens",
-              file=sys.stderr)
-        return 1
+        raise UserError(f"{args.checkpoint}: no tokenizer.model; generate needs one to turn text into tokens")
     if args.quantize == "int8":
         from llamalab.inference.quantize import quantize_int8
 
@@ -64,28 +57,24 @@ def main(argv: list[str]) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
 
-    try:
-        if args.interactive:
-            tty = sys.stdin.isatty()
-            while True:
-                if tty:
-                    print("> ", end="", file=sys.stderr, flush=True)
-                line = sys.stdin.readline()
-                if not line:
-                    break
-                prompt = line.rstrip("\n")
-                if prompt:
-                    try:
-                        run_one(prompt)
-                    except ValueError as exc:  # e.g. a prompt too long for the context: say so, keep going
-                        print(f"llamalab generate: {exc}", file=sys.stderr)
-        elif args.prompt and len(args.prompt) > 1:
-            for prompt, text in zip(args.prompt, pretrained.generate(args.prompt, **options)):
-                print(prompt + text)
-                print()
-        else:
-            run_one(args.prompt[0] if args.prompt else "")
-    except ValueError as exc:  # over-long prompts, bad sampling options
-        print(f"llamalab generate: {exc}", file=sys.stderr)
-        return 1
+    if args.interactive:
+        tty = sys.stdin.isatty()
+        while True:
+            if tty:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            prompt = line.rstrip("\n")
+            if prompt:
+                try:
+                    run_one(prompt)
+                except ValueError as exc:  # e.g. a prompt too long for the context: say so, keep going
+                    print(f"llamalab generate: error: {describe(exc)}", file=sys.stderr)
+    elif args.prompt and len(args.prompt) > 1:
+        for prompt, text in zip(args.prompt, pretrained.generate(args.prompt, **options)):
+            print(prompt + text)
+            print()
+    else:
+        run_one(args.prompt[0] if args.prompt else "")
     return 0

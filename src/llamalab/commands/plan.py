@@ -9,11 +9,11 @@ uses exactly N GPUs, else FSDP over all N. ``--search`` lists the layouts that f
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..model.args import ConfigError, get_preset
+from ..model.args import get_preset
 from ..parallel.mesh import LayoutError, ParallelDims
+from ..parallel.pipeline import schedule_class
 from ..parallel.plan import AC_MODES, GiB, candidate_layouts, describe, estimate, plan_table
 
 
@@ -50,18 +50,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--search", action="store_true", help="list every TP/PP/FSDP layout that fits")
     ap.add_argument("overrides", nargs="*", help="config overrides such as --batch.micro_batch=4 (after --)")
     ns = ap.parse_args(argv)
-    try:
-        args, micro_batch, seq_len, parallel, schedule, microbatches = _load(ns.config, ns.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"llamalab plan: {exc}", file=sys.stderr)
-        return 2
+    args, micro_batch, seq_len, parallel, schedule, microbatches = _load(ns.config, ns.overrides)
     micro_batch = ns.micro_batch or micro_batch
     seq_len = ns.seq_len or seq_len
     schedule = ns.pp_schedule or schedule
+    schedule_class(schedule)  # an unknown name is a LayoutError naming the choices
     microbatches = ns.pp_microbatches or microbatches
     if ns.gpus < 1 or ns.gpu_memory <= 0:
-        print("llamalab plan: --gpus must be >= 1 and --gpu-memory > 0", file=sys.stderr)
-        return 2
+        raise LayoutError(f"--gpus must be >= 1 and --gpu-memory > 0, got {ns.gpus} and {ns.gpu_memory:g}")
 
     print(f"model: {args.num_params() / 1e9:.2f}B parameters (dim {args.dim}, {args.n_layers} layers, "
           f"{args.n_heads} heads, vocab {args.vocab_size}); {micro_batch} x {seq_len} tokens per rank and step")
@@ -84,19 +80,15 @@ def main(argv: list[str]) -> int:
             print(f"  {layout:<44} activation ckpt {mode:<9} {total:7.1f} GiB")
         return 0
 
-    try:
-        if any(v is not None for v in (ns.dp_replicate, ns.dp_shard, ns.tp, ns.pp)):
-            dims = ParallelDims(dp_replicate=ns.dp_replicate or 1, dp_shard=ns.dp_shard or -1, tp=ns.tp or 1,
-                                pp=ns.pp or 1, world_size=ns.gpus)
-        elif parallel is not None and (parallel.dp_replicate * parallel.dp_shard * parallel.tp * parallel.pp
-                                       == ns.gpus):
-            dims = ParallelDims.from_config(parallel, ns.gpus)
-        else:
-            dims = ParallelDims(dp_shard=-1, world_size=ns.gpus)
-        dims.validate_model(args)
-    except LayoutError as exc:
-        print(f"llamalab plan: {exc}", file=sys.stderr)
-        return 2
+    if any(v is not None for v in (ns.dp_replicate, ns.dp_shard, ns.tp, ns.pp)):
+        dims = ParallelDims(dp_replicate=ns.dp_replicate or 1, dp_shard=ns.dp_shard or -1, tp=ns.tp or 1,
+                            pp=ns.pp or 1, world_size=ns.gpus)
+    elif parallel is not None and (parallel.dp_replicate * parallel.dp_shard * parallel.tp * parallel.pp
+                                   == ns.gpus):
+        dims = ParallelDims.from_config(parallel, ns.gpus)
+    else:
+        dims = ParallelDims(dp_shard=-1, world_size=ns.gpus)
+    dims.validate_model(args)
     print(f"layout: {describe(dims)}" + (f", {schedule} with {microbatches} micro-batches" if dims.pp > 1 else ""))
     print("GiB per GPU:")
     for line in plan_table(args, dims, micro_batch=micro_batch, seq_len=seq_len, gpu_memory_gib=ns.gpu_memory,

@@ -54,7 +54,8 @@ def _source_format(paths: list[str], default: str) -> tuple[str, list[str]]:
 
 
 def _train(args) -> int:
-    from ..data.readers import BadRecord, read_documents
+    from ..data.readers import read_documents
+    from ..errors import UserError
     from ..fs import check_output_folder
     from ..tokenizer import TOKENIZER_FILE, Tokenizer, model_settings, sample_sources, train_tokenizer
 
@@ -67,25 +68,16 @@ def _train(args) -> int:
         sources[f"source{n}"] = (d.text for d in read_documents(
             paths, fmt, source=f"source{n}", text_field=args.text_field,
             on_error=lambda loc, why: errors.append((loc, why))))
-    try:
-        samples = sample_sources(sources, args.max_sentences, seed=args.seed)
-    except (FileNotFoundError, BadRecord) as exc:
-        print(f"llamalab tokenizer train: {exc}", file=sys.stderr)
-        return 2
+    samples = sample_sources(sources, args.max_sentences, seed=args.seed)
     for loc, why in errors[:5]:
         print(f"skipped bad record {loc}: {why}", file=sys.stderr)
     for (name, sample), paths in zip(samples.items(), args.input):
         if not sample:
-            print(f"llamalab tokenizer train: {name} ({' '.join(paths)}) has no text", file=sys.stderr)
-            return 2
+            raise UserError(f"--input {' '.join(paths)}: no text in these files")
         print(f"{name}: {len(sample)} sentences from {' '.join(paths)}")
     texts = [s for sample in samples.values() for s in sample]
-    try:
-        path = train_tokenizer(texts, args.vocab_size, args.output, max_sentences=len(texts), seed=args.seed,
-                               force=args.force)
-    except ValueError as exc:
-        print(f"llamalab tokenizer train: {exc}", file=sys.stderr)
-        return 2
+    path = train_tokenizer(texts, args.vocab_size, args.output, max_sentences=len(texts), seed=args.seed,
+                           force=args.force)
     tok = Tokenizer(path)
     settings = model_settings(path)
     print(f"wrote {path}: vocab {tok.vocab_size}, {settings['model_type']}, split_digits={settings['split_digits']}, "
@@ -99,13 +91,10 @@ def main(argv: list[str]) -> int:
     if args.action == "train":
         return _train(args)
 
+    from ..errors import UserError
     from ..tokenizer import Tokenizer, model_settings
 
-    try:
-        tok = Tokenizer(args.model)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"llamalab tokenizer: {exc}", file=sys.stderr)
-        return 2
+    tok = Tokenizer(args.model)
     if args.action == "encode":
         text = args.text if args.text is not None else sys.stdin.read()
         ids = tok.encode(text, bos=not args.no_bos)
@@ -116,9 +105,9 @@ def main(argv: list[str]) -> int:
             for i in ids:
                 print(f"{i}\t{tok.id_to_piece(i)!r}")
     elif args.action == "decode":
-        if any(not 0 <= i < tok.vocab_size for i in args.ids):
-            print(f"llamalab tokenizer: ids must be in [0, {tok.vocab_size})", file=sys.stderr)
-            return 2
+        bad = [i for i in args.ids if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise UserError(f"ids {bad} are not in {tok.path}'s vocabulary: expected 0 to {tok.vocab_size - 1}")
         print(tok.decode(args.ids))
     else:
         print(json.dumps({"path": str(tok.path), **tok.special_ids(), **model_settings(tok.path)}, indent=2))

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import TOKENIZER_NAME, load_model, load_state_into, parse_dtype, save_pretrained
+from ..checkpoint import (
+    TOKENIZER_NAME,
+    CorruptFileError,
+    load_model,
+    load_state_into,
+    parse_dtype,
+    save_pretrained,
+)
 from ..model import ModelArgs, Transformer, build_model
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -38,6 +45,15 @@ def read_native(folder: str | Path, dtype: str | torch.dtype | None = None) -> N
     model, args, special = load_model(folder, dtype=parse_dtype(dtype))
     tok = folder / TOKENIZER_NAME
     return Native(model, args, special, tok if tok.is_file() else None)
+
+
+def load_torch_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` file (Meta's shards, ``pytorch_model.bin``), memory-mapped; never runs
+    pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # weights_only refuses any pickle that would run code; a cut file fails to unzip
+        raise CorruptFileError(f"{path}: cannot be loaded as plain tensors with weights_only=True ({exc})") from None
 
 
 def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], source: str) -> None:

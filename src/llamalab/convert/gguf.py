@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..checkpoint import CorruptFileError
 from ..fs import atomic_file
 from ..model import ModelArgs
 from ..model.args import ffn_params_for_hidden
@@ -64,7 +65,7 @@ def meta_name(name: str) -> str | None:
         return f"layers.{m.group(1)}.{_FROM_GGUF_LAYER[m.group(2)]}"
     if name in ("rope_freqs.weight",):
         return None
-    raise KeyError(f"unexpected GGUF tensor {name!r} (not a llama-architecture weight)")
+    raise ValueError(f"unexpected GGUF tensor {name!r} (not a llama-architecture weight)")
 
 
 def _encode(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -198,7 +199,10 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str | torch.dtype 
     Default dtype: float32 for f32 files, float16 for f16 files (exact), float32 otherwise (dequantized).
     """
     path = Path(path)
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError) as exc:  # gguf's own errors, or numpy's on a file cut short
+        raise CorruptFileError(f"{path}: truncated or corrupt GGUF file ({exc})") from None
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: no token_embd.weight tensor ({len(tensors)} tensors; a vocab-only file?)")

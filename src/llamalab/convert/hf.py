@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import naming_safetensors_errors, read_json_object
 from ..fs import atomic_write_dir
 from ..model import ModelArgs
 from ..model.args import ffn_params_for_hidden
+from .common import load_torch_tensors
 
 _LAYER_MAP = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -71,7 +73,7 @@ def hf_name_to_meta(name: str) -> str | None:
         return f"layers.{m.group(1)}.{_HF_TO_META_LAYER[m.group(2)]}"
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise KeyError(f"unexpected Hugging Face parameter {name!r} (not a LlamaForCausalLM weight)")
+    raise ValueError(f"unexpected Hugging Face parameter {name!r} (not a LlamaForCausalLM weight)")
 
 
 def meta_to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -135,6 +137,9 @@ def hf_config(args: ModelArgs, special_ids: dict[str, int] | None = None, torch_
     return cfg
 
 
+HF_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> tuple[ModelArgs, dict[str, int]]:
     """ModelArgs and special ids from an HF ``LlamaConfig`` dict; refuses what LLaMA cannot represent."""
     if cfg.get("model_type", "llama") != "llama":
@@ -147,6 +152,10 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> tuple[ModelAr
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"{source}: rope scaling {rope!r} is not supported (plain RoPE only)")
+    missing = [k for k in HF_REQUIRED_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{source}: missing key(s) {', '.join(missing)}; a LlamaConfig has "
+                         f"{', '.join(HF_REQUIRED_KEYS)}")
     dim = cfg["hidden_size"]
     n_heads = cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, dim // n_heads):
@@ -181,6 +190,7 @@ HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_FILES = ("config.json", "generation_config.json", HF_WEIGHTS, "model-*-of-*.safetensors", HF_INDEX,
             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_LAYOUT = f"a Hugging Face model folder holds config.json and {HF_WEIGHTS} (or shards listed in {HF_INDEX})"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -335,7 +345,9 @@ def export_hf(native_dir: str | Path, out_dir: str | Path, dtype: str | torch.dt
 def _hf_weight_files(folder: Path) -> list[Path]:
     for single, index in ((HF_WEIGHTS, HF_INDEX), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            weight_map = read_json_object(folder / index, HF_LAYOUT).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{folder / index}: no \"weight_map\" object (tensor name -> file)")
             return [folder / f for f in dict.fromkeys(weight_map.values())]
         if (folder / single).is_file():
             return [folder / single]
@@ -352,7 +364,7 @@ def _open_hf_weights(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
 
         handle = safe_open(str(path), framework="pt")
         return {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # never runs pickled code
+    state = load_torch_tensors(path)
     return {k: (lambda v=v: v) for k, v in state.items()}
 
 
@@ -361,10 +373,10 @@ def _hf_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with naming_safetensors_errors(path), safe_open(str(path), framework="pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), _ST_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32))
                     for k in f.keys()}
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = load_torch_tensors(path)
     return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
@@ -377,9 +389,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype 
 
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: missing; a Hugging Face model folder holds config.json")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, HF_LAYOUT)
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     if "LlamaForCausalLM" not in archs:
         raise ValueError(f"{cfg_path}: architectures {archs} is not LlamaForCausalLM")

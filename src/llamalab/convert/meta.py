@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import read_json_object
 from ..fs import atomic_write_dir
 from ..model import ModelArgs
-from .common import parse_dtype, read_native, write_native
+from .common import load_torch_tensors, parse_dtype, read_native, write_native
 
 PARAMS = "params.json"
 SKIPPED = {"rope.freqs"}  # LLaMA-1 stores the rotary frequencies; the model computes them
@@ -48,19 +49,9 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # weights_only refuses any pickle that would run code
-        raise ValueError(f"{path}: cannot be loaded as plain tensors with weights_only=True ({exc})") from None
-
-
 def read_params(folder: Path, vocab_from_weights: int, max_seq_len: int) -> ModelArgs:
     path = folder / PARAMS
-    try:
-        params = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; a Meta checkpoint folder holds params.json") from None
+    params = read_json_object(path, "a Meta checkpoint folder holds params.json and consolidated.NN.pth files")
     unknown = sorted(set(params) - set(_PARAM_FIELDS) - {"max_batch_size", "max_seq_len", "use_scaled_rope"})
     if unknown:
         raise ValueError(f"{path}: unknown field(s) {unknown}; expected some of {list(_PARAM_FIELDS)}")
@@ -77,7 +68,7 @@ def import_meta(folder: str | Path, out_dir: str | Path, dtype: str | torch.dtyp
     """A native folder from Meta's ``params.json`` + ``consolidated.NN.pth`` (N shards merged)."""
     folder = Path(folder)
     files = shard_files(folder)
-    first = _load_shard(files[0])
+    first = load_torch_tensors(files[0])
     first = {k: v for k, v in first.items() if k not in SKIPPED}
     n = len(files)
     shapes = {}
@@ -94,7 +85,7 @@ def import_meta(folder: str | Path, out_dir: str | Path, dtype: str | torch.dtyp
 
     def tensors():
         for i, path in enumerate(files):
-            shard = {k: v for k, v in _load_shard(path).items() if k not in SKIPPED}
+            shard = {k: v for k, v in load_torch_tensors(path).items() if k not in SKIPPED}
             if i > 0:
                 _check_same_layout(files[0], path, shapes, shard, n)
             for name, t in shard.items():

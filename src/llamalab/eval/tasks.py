@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError, describe
+
 # The context the paper's calibrated scoring conditions on (Brown et al., 2020): P(completion | "Answer:").
 UNCONDITIONAL_CONTEXT = "Answer:"
 
@@ -32,18 +34,34 @@ class Item:
     choices: list[str]  # lm-eval's doc_to_choice strings; acc_norm divides by their length in characters
     gold: int
 
+    def __post_init__(self) -> None:
+        """An answer outside the choices would only ever score as wrong: refuse the record instead."""
+        if not 0 <= self.gold < len(self.choices):
+            raise ValueError(f"the answer is choice {self.gold} (from 0) of only {len(self.choices)} choices")
 
-class BadTaskRecord(ValueError):
+
+class BadTaskRecord(UserError, ValueError):
     """A record lacks a field or has a value of the wrong kind; the message names file, line and field."""
 
 
 def _field(doc: dict, name: str, kind: type | tuple[type, ...]):
-    if name not in doc:
-        raise KeyError(f"missing field {name!r}")
+    """``doc[name]`` if it is of ``kind`` (``load_task`` has checked that every field is there)."""
     value = doc[name]
     if not isinstance(value, kind):
-        raise TypeError(f"field {name!r} is {type(value).__name__}, expected {getattr(kind, '__name__', kind)}")
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TypeError(f"field {name!r} is {type(value).__name__}, expected {expected}")
     return value
+
+
+def _missing_field(doc: dict, fields: tuple[str, ...]) -> str | None:
+    """The first of ``fields`` (dotted for nested ones: ``choices.text``) that ``doc`` lacks."""
+    for field in fields:
+        node = doc
+        for key in field.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return field
+            node = node[key]
+    return None
 
 
 def _same_context(task: str, index: int, context: str, choices: list[str], gold: int) -> Item:
@@ -90,26 +108,36 @@ def _winogrande(doc: dict, index: int) -> Item:
     # Partial scoring: the context is the sentence up to the blank with each option filled in; the scored
     # continuation is the rest of the sentence, the same for both options.
     sentence = _field(doc, "sentence", str)
+    if "_" not in sentence:
+        raise ValueError("field 'sentence' has no '_' blank for the options")
     blank = sentence.index("_")
     choices = [sentence[:blank] + _field(doc, "option1", str), sentence[:blank] + _field(doc, "option2", str)]
     target = " " + sentence[blank + 1:].strip()
-    gold = {"1": 0, "2": 1}[str(_field(doc, "answer", (str, int)))]
-    return Item("winogrande", index, choices, [target, target], choices, gold)
+    answer = str(_field(doc, "answer", (str, int)))
+    if answer not in ("1", "2"):
+        raise ValueError(f"field 'answer' is {answer!r}, expected '1' or '2'")
+    return Item("winogrande", index, choices, [target, target], choices, int(answer) - 1)
+
+
+def _labelled_choices(doc: dict, answer_key: str) -> tuple[list[str], int]:
+    """ARC's and OpenBookQA's choice texts, and the index of ``answer_key`` among their labels."""
+    choices = _field(doc, "choices", dict)
+    labels = list(choices["label"])
+    if answer_key not in labels:
+        raise ValueError(f"answerKey {answer_key!r} is not one of choices.label {labels}")
+    return list(choices["text"]), labels.index(answer_key)
 
 
 def _arc(name: str) -> Callable[[dict, int], Item]:
     def build(doc: dict, index: int) -> Item:
-        choices = _field(doc, "choices", dict)
-        gold = choices["label"].index(_field(doc, "answerKey", str))
-        return _same_context(name, index, f"Question: {_field(doc, 'question', str)}\nAnswer:",
-                             list(choices["text"]), gold)
+        choices, gold = _labelled_choices(doc, _field(doc, "answerKey", str))
+        return _same_context(name, index, f"Question: {_field(doc, 'question', str)}\nAnswer:", choices, gold)
     return build
 
 
 def _openbookqa(doc: dict, index: int) -> Item:
-    choices = _field(doc, "choices", dict)
-    gold = choices["label"].index(_field(doc, "answerKey", str).lstrip())
-    return _same_context("openbookqa", index, _field(doc, "question_stem", str), list(choices["text"]), gold)
+    choices, gold = _labelled_choices(doc, _field(doc, "answerKey", str).lstrip())
+    return _same_context("openbookqa", index, _field(doc, "question_stem", str), choices, gold)
 
 
 @dataclass(frozen=True)
@@ -119,22 +147,29 @@ class TaskSpec:
     hub_path: str  # the Hugging Face dataset lm-eval 0.4.13 reads
     hub_name: str | None
     build: Callable[[dict, int], Item]
+    fields: tuple[str, ...]  # what ``build`` reads from a record (dotted: nested)
     calibrated: bool  # the paper scores it by P(completion | context) / P(completion | "Answer:")
     paper_name: str  # column name in the paper's Table 3
     expected_records: int
 
 
+_ARC_FIELDS = ("question", "choices.text", "choices.label", "answerKey")
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("boolq", "validation", "aps/super_glue", "boolq", _boolq, True, "BoolQ", 3270),
-    TaskSpec("piqa", "validation", "baber/piqa", None, _piqa, False, "PIQA", 1838),
-    TaskSpec("siqa", "validation", "lighteval/siqa", None, _siqa, False, "SIQA", 1954),
-    TaskSpec("hellaswag", "validation", "Rowan/hellaswag", None, _hellaswag, False, "HellaSwag", 10042),
-    TaskSpec("winogrande", "validation", "allenai/winogrande", "winogrande_xl", _winogrande, False,
-             "WinoGrande", 1267),
-    TaskSpec("arc_easy", "test", "allenai/ai2_arc", "ARC-Easy", _arc("arc_easy"), False, "ARC-e", 2376),
-    TaskSpec("arc_challenge", "test", "allenai/ai2_arc", "ARC-Challenge", _arc("arc_challenge"), False,
-             "ARC-c", 1172),
-    TaskSpec("openbookqa", "test", "allenai/openbookqa", "main", _openbookqa, True, "OBQA", 500),
+    TaskSpec("boolq", "validation", "aps/super_glue", "boolq", _boolq, ("passage", "question", "label"), True,
+             "BoolQ", 3270),
+    TaskSpec("piqa", "validation", "baber/piqa", None, _piqa, ("goal", "sol1", "sol2", "label"), False, "PIQA",
+             1838),
+    TaskSpec("siqa", "validation", "lighteval/siqa", None, _siqa,
+             ("context", "question", "answerA", "answerB", "answerC", "label"), False, "SIQA", 1954),
+    TaskSpec("hellaswag", "validation", "Rowan/hellaswag", None, _hellaswag,
+             ("activity_label", "ctx_a", "ctx_b", "endings", "label"), False, "HellaSwag", 10042),
+    TaskSpec("winogrande", "validation", "allenai/winogrande", "winogrande_xl", _winogrande,
+             ("sentence", "option1", "option2", "answer"), False, "WinoGrande", 1267),
+    TaskSpec("arc_easy", "test", "allenai/ai2_arc", "ARC-Easy", _arc("arc_easy"), _ARC_FIELDS, False, "ARC-e", 2376),
+    TaskSpec("arc_challenge", "test", "allenai/ai2_arc", "ARC-Challenge", _arc("arc_challenge"), _ARC_FIELDS,
+             False, "ARC-c", 1172),
+    TaskSpec("openbookqa", "test", "allenai/openbookqa", "main", _openbookqa,
+             ("question_stem", "choices.text", "choices.label", "answerKey"), True, "OBQA", 500),
 )}
 
 # lm-eval's task names where they differ from ours
@@ -186,8 +221,8 @@ def _hub_records(task: str) -> Iterator[tuple[str, dict]]:
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(f"task {task!r}: no --data-dir given and the `datasets` package is not installed; "
-                           "pass --data-dir DIR with <task>/<split>.jsonl files") from None
+        raise UserError(f"task {task!r}: no --data-dir given and the `datasets` package is not installed; "
+                        "pass --data-dir DIR with <task>/<split>.jsonl files") from None
     spec = TASKS[task]
     dataset = datasets.load_dataset(spec.hub_path, spec.hub_name, split=spec.split)
     for row, record in enumerate(dataset):
@@ -206,10 +241,13 @@ def load_task(task: str, data_dir: str | Path | None = None, limit: int | None =
     for index, (location, record) in enumerate(records):
         if limit is not None and index >= limit:
             break
+        missing = _missing_field(record, spec.fields)
+        if missing is not None:
+            raise BadTaskRecord(f"{location}: missing field {missing!r} (expected {', '.join(spec.fields)})")
         try:
             items.append(spec.build(record, index))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BadTaskRecord(f"{location}: bad {task} record: {exc}") from None
+            raise BadTaskRecord(f"{location}: bad {task} record: {describe(exc)}") from None
     return items
 
 

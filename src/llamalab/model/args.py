@@ -13,6 +13,9 @@ class ConfigError(UserError, ValueError):
     """A configuration value is missing, of the wrong type, or out of range; the message names the field."""
 
 
+REQUIRED_FIELDS = ("dim", "n_layers", "n_heads", "vocab_size")  # a stored config without them is not one
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -86,7 +89,13 @@ class ModelArgs:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown model field(s) {unknown}; expected some of {sorted(names)}")
-        return cls(**data)
+        missing = [name for name in REQUIRED_FIELDS if name not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing model field(s) {missing}")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 @dataclass(frozen=True)
