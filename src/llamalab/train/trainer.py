@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
-from ..fs import check_output_folder
+from ..fs import atomic_write_bytes, check_output_folder
 from ..model import ModelArgs, build_model
 from . import checkpoint as ckpt
 from .activation_checkpoint import apply_activation_checkpointing
@@ -194,8 +194,8 @@ def evaluate(model, validation, cfg: Config, device: torch.device, run=None) -> 
     return {"loss": loss, "bpb": per_byte / math.log(2), "loss_per_byte": per_byte}
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "checkpoints", "final", "loss.png", ".final.tmp-*",
-             ".final.old-*")  # all a run folder holds
+RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "checkpoints", "final", "loss.png", ".*.tmp-*",
+             ".*.old-*")  # all a run folder holds, with the temporary names of its atomic writes
 
 
 def clear_previous_run(out_dir: Path, world: Distributed) -> None:
@@ -341,7 +341,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
                      warn=lambda m: _log(m, world))
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_bytes(out_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         _log(f"model {cfg.model.preset}: {args.num_params() / 1e6:.2f}M parameters, vocab {args.vocab_size}; "
              f"{step_tokens:,} tokens/step = {cfg.batch.micro_batch} seq x {seq_len} x {accum} accum x {dp} dp; "
              f"{'time-bounded' if n_steps >= 10**12 else f'{n_steps} steps'}; precision {cfg.precision.mode}; "
