@@ -74,6 +74,10 @@ def max_diffs(got: dict, ref: dict, relative: bool = False) -> tuple[float, floa
 # sums of cancelling terms with 2-6% bf16 noise; TP adds a rounding of each partial sum). A wrong gradient
 # would be off by ~100%.
 TOL = {"sgd": (1e-6, 1e-6, 1e-6), "adamw": (1e-6, 1e-4, 1e-6)}
+# ... but never below 20%: TP's rounding of bf16 partial sums does not shrink when the CPU's bf16 products get
+# more exact. With native bf16 (AVX-512 BF16/AMX) one-process bf16 sits 1.7% from fp32 (a 3.4% bound) while
+# fsdp_tp_bf16 differs by 9.9% (parameters) and 11.8% (gradients); with AVX2 kernels 4.1% and 5.7%/7.2%.
+BF16_FLOOR = 0.2
 
 TWO = {
     "ddp": {"layout": {"dp_replicate": 2}},
@@ -147,7 +151,7 @@ def _check(name: str, spec: dict, results: dict) -> None:
     if kind == "bf16":
         ref = reference("sgd", bf16=True)
         _, bf16_param, bf16_grad = max_diffs(reference("sgd"), ref, relative=True)
-        tol = (1e-3, 2 * bf16_param, 2 * bf16_grad)
+        tol = (1e-3, max(2 * bf16_param, BF16_FLOOR), max(2 * bf16_grad, BF16_FLOOR))
     else:
         ref, tol = reference(kind), TOL[kind]
     loss, param, grad = max_diffs(results[name], ref, relative=kind == "bf16")
