@@ -26,9 +26,10 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().pa
 import torch  # noqa: E402
 
 from llamalab.config import OptimizerConfig  # noqa: E402
+from llamalab.hardware import measure_peak_flops  # noqa: E402
 from llamalab.model import build_model, preset_args  # noqa: E402
-from llamalab.train.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
-from llamalab.train.metrics import activation_bytes, measure_peak_flops, training_flops_per_token  # noqa: E402
+from llamalab.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
+from llamalab.train.metrics import activation_bytes, training_flops_per_token  # noqa: E402
 from llamalab.train.optim import build_optimizer, clip_grad_norm  # noqa: E402
 from llamalab.train.trainer import cross_entropy_loss  # noqa: E402
 

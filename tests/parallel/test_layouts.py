@@ -204,8 +204,8 @@ def test_export_native_from_sharded_checkpoint(two_proc, four_proc, ckpt_dir, tm
     from parallel_harness import ARGS
 
     from llamalab.checkpoint import load_model
+    from llamalab.convert.dcp import export_native
     from llamalab.model import ModelArgs
-    from llamalab.parallel.checkpoint import export_native
 
     after_two = reference("adamw", steps=2)["params"]
     out = export_native(ckpt_dir / "save_pp_tp", tmp_path / "native", args=ModelArgs(**ARGS))

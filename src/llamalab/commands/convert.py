@@ -63,7 +63,7 @@ def to_native(src: Path, fmt: str, out: Path, args) -> Path:
 
         return import_llama2c(src, out, tokenizer=args.tokenizer, dtype=dtype)
     if fmt == "dcp":
-        from ..parallel.checkpoint import export_native
+        from ..convert.dcp import export_native
 
         return export_native(src, out, tokenizer_path=args.tokenizer, dtype=dtype)
     if fmt == "gguf":

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import nn
 
-from ..train.metrics import fast_bf16
+from ..hardware import fast_bf16
 from .quantize import Int8Linear, fused_kernel_fits
 
 BLOCK_ROWS = 512  # weight rows converted per block: 1.5 MiB of fp32 at 768 columns

@@ -47,7 +47,7 @@ def parallelize_model(model: nn.Module, mesh: DeviceMesh | None, dims: ParallelD
     if dims.tp_enabled:
         apply_tensor_parallel(model, mesh["tp"], loss_parallel=True, compiled_blocks=compile)
     if ac_mode and ac_mode != "none":
-        from ..train.activation_checkpoint import apply_activation_checkpointing
+        from .activation_checkpoint import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, ac_mode)
     if compile:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -21,46 +20,6 @@ def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """
     n_matmul = args.num_params() - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim
     return 6.0 * n_matmul + 12.0 * args.n_layers * args.dim * seq_len
-
-
-def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                       size: int | None = None, seconds: float = 0.3) -> float:
-    """Best FLOP/s of square matmuls in ``dtype`` over about ``seconds`` (the MFU denominator).
-
-    Without ``size`` the matrices grow from 256 until one product takes over 50 ms (up to 2048 on a CPU, 8192
-    on a GPU), so a CPU without native bf16 -- where a bf16 product can be 100x slower than fp32 -- is measured
-    in a fraction of a second too. The best of several repetitions, so a busy machine lowers it less than a mean.
-    """
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sizes = [size] if size else [n for n in (256, 512, 1024, 2048, 4096, 8192)
-                                 if device.type == "cuda" or n <= 2048]
-
-    def timed_mm(a, b) -> float:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        return time.perf_counter() - start
-
-    for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        timed_mm(a, b)  # warm-up: kernel selection, page faults
-        if timed_mm(a, b) > 0.05 or n == sizes[-1]:
-            break
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while True:
-        best = max(best, 2.0 * n**3 / timed_mm(a, b))
-        if time.perf_counter() > deadline:
-            return best
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat fp32 here (GPUs with bf16; CPUs with AVX-512 BF16 or AMX, measured)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return measure_peak_flops(torch.bfloat16, device, seconds=0.05) > \
-        1.2 * measure_peak_flops(torch.float32, device, seconds=0.05)
 
 
 class MetricsLog:

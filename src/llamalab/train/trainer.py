@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError
 from ..fs import atomic_write_bytes, check_output_folder
+from ..hardware import fast_bf16, measure_peak_flops
 from ..model import ModelArgs, build_model
+from ..parallel.activation_checkpoint import apply_activation_checkpointing
 from . import checkpoint as ckpt
-from .activation_checkpoint import apply_activation_checkpointing
-from .metrics import MetricsLog, fast_bf16, measure_peak_flops, plot_loss_curve, training_flops_per_token
+from .metrics import MetricsLog, plot_loss_curve, training_flops_per_token
 from .optim import Schedule, build_optimizer
 
 
@@ -475,7 +476,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
     log.close()
     if world.is_main:
         if cfg.checkpoint.save_final and world.world_size > 1:  # gather the shards from the last checkpoint
-            from ..parallel.checkpoint import export_native
+            from ..convert.dcp import export_native
 
             result.final_dir = export_native(last_ckpt / "dcp", out_dir / "final", args=args,
                                              tokenizer_path=tokenizer_path if tokenizer_path.is_file() else None)

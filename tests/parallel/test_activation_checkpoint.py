@@ -7,7 +7,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
 from llamalab.model import build_model, preset_args
-from llamalab.train.activation_checkpoint import (
+from llamalab.parallel.activation_checkpoint import (
     SAVED_OPS,
     _save_matmuls_policy,
     apply_activation_checkpointing,
