@@ -3,7 +3,6 @@ batches, a checkpoint resumes across layouts, and the final native model is writ
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,16 +15,11 @@ from llamalab.checkpoint import load_model
 from llamalab.config import load_config
 from llamalab.train.trainer import train
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+from train_helpers import write_prepared  # noqa: E402
+
 WORKER = Path(__file__).parent / "train_worker.py"
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-
-def _write_prepared():
-    path = Path(__file__).parents[1] / "train" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("train_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_prepared
 
 
 def overrides(prepared: Path, out_dir: Path, *extra: str) -> list[str]:
@@ -43,7 +37,7 @@ def runs(tmp_path_factory):
     """One process in this process; then, in one 2-process torchrun: FSDP=2, TP=2 resuming FSDP's step-2
     checkpoint, and a 2-stage GPipe pipeline. ``micro_batch x dp`` is 4 everywhere, so the global batches match."""
     tmp = tmp_path_factory.mktemp("trainer")
-    prepared = _write_prepared()(tmp / "prepared")
+    prepared = write_prepared(tmp / "prepared")
     single = train(load_config(None, overrides(prepared, tmp / "single", "--batch.micro_batch", "4")))
     distributed = [
         overrides(prepared, tmp / "fsdp", "--batch.micro_batch", "2", "--parallel.dp_shard", "2"),

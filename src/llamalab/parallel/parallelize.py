@@ -40,6 +40,9 @@ def parallelize_model(model: nn.Module, mesh: DeviceMesh | None, dims: ParallelD
                       compile: bool = False, mixed_precision: str | torch.dtype | None = None) -> nn.Module:
     """Apply TP/SP, activation checkpointing, compile and FSDP2/DDP to ``model`` in place; returns it.
 
+    Without a mesh (one process) only activation checkpointing and compile apply: every world size takes this
+    one path.
+
     ``mixed_precision`` "bf16" (or a dtype) makes FSDP2 compute in that dtype and reduce gradients in fp32; the
     sharded master weights stay fp32. With DDP (no FSDP) it is ignored: use autocast instead.
     ``model`` may be a pipeline stage (some layers removed, ``tok_embeddings``/``norm``/``output`` None).
@@ -50,7 +53,9 @@ def parallelize_model(model: nn.Module, mesh: DeviceMesh | None, dims: ParallelD
         from .activation_checkpoint import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, ac_mode)
-    if compile:
+    if compile and mesh is None:  # nothing sharded: one graph, so the embedding, norm and output fuse too
+        model.compile()
+    elif compile:
         for block in model.layers.values():
             block.compile(fullgraph=True)
     if dims.fsdp_enabled:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import state_module
@@ -50,7 +51,8 @@ class ParallelRun:
         then it is parallelized first and given rank 0's weights for ``seed`` afterwards (``materialize``),
         so no rank ever holds more than its shards on the accelerator.
         """
-        if mesh is None:  # one process: nothing to distribute
+        if mesh is None:  # one process: nothing to distribute, the same activation checkpointing and compile
+            model = parallelize_model(model, None, dims, ac_mode=ac_mode, compile=compile)
             return cls(dims=dims, parts=[model], module=model, loss_fn=loss_fn, autocast=autocast)
         dims.validate_model(model.args)
         on_meta = any(p.is_meta for p in model.parameters())
@@ -121,6 +123,9 @@ class ParallelRun:
                 return loss.item() * targets.numel(), targets.numel()
             with self.autocast():
                 logits = self.parts[0](inputs)
+            if not self.dims.tp_enabled:  # the exact sum (the vocabulary-parallel loss only gives a mean)
+                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+                return _plain(loss_sum).item(), targets.numel()
             loss = self.loss_fn(logits, targets)
         return _plain(loss).float().item() * targets.numel(), targets.numel()
 

@@ -1,19 +1,20 @@
 """Pretraining loop: the paper's recipe with exact resume, metrics and a timed mode.
 
 ``train(cfg)`` runs one process or, under ``torchrun``, one rank (RANK / WORLD_SIZE / LOCAL_RANK from the
-environment). Each optimizer step takes ``grad_accum`` micro-batches of ``batch.micro_batch`` sequences per
+environment). ``resolve`` (``setup.py``) turns the config into the run's facts once; the model goes through
+``ParallelRun.setup`` whatever the world size (activation checkpointing and compile included); then the loop
+below. Each optimizer step takes ``grad_accum`` micro-batches of ``batch.micro_batch`` sequences per
 data-parallel rank, so a step always sees ``batch.global_tokens`` tokens whatever the layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,14 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import Config, ConfigError
-from ..fs import atomic_write_bytes, check_output_folder
-from ..hardware import fast_bf16, measure_peak_flops
-from ..model import ModelArgs, build_model
-from ..parallel.activation_checkpoint import apply_activation_checkpointing
+from ..config import Config
+from ..fs import atomic_write_bytes
+from ..model import build_model
 from . import checkpoint as ckpt
-from .metrics import MetricsLog, plot_loss_curve, training_flops_per_token
+from .metrics import MetricsLog, plot_loss_curve
 from .optim import Schedule, build_optimizer
+from .setup import RunSetup, resolve
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,35 +58,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> Distributed:
-    """Read torchrun's environment; start a process group only when there are several ranks."""
-    world = Distributed(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                        int(os.environ.get("LOCAL_RANK", 0)))
-    if world.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return world
-
-
-def resolve_device(name: str, world: Distributed | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{world.local_rank if world else 0}"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, accumulated in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def seed_everything(seed: int) -> None:
@@ -95,97 +69,310 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> None:
-    """Turn ``precision.mode = "auto"`` into bf16 or fp32 for this device (in place)."""
-    if cfg.precision.mode == "auto":
-        cfg.precision.mode = "bf16" if fast_bf16(device) else "fp32"
+@dataclass
+class Progress:
+    """Where training stands (restored from a checkpoint) and this session's clock and throughput window."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    bad_in_row: int = 0
+    elapsed_before: float = 0.0  # training seconds of earlier sessions
+    last_ckpt: Path | None = None
+    start_step: int = 0
+    start_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # validation and checkpoint time, not counted as training time
+    window_tokens: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    first_step_end: float = 0.0
+    tokens_per_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    def train_seconds(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started - self.paused
+
+    @contextmanager
+    def pause(self):
+        start = time.perf_counter()
+        yield
+        spent = time.perf_counter() - start
+        self.paused += spent
+        self.window_start += spent
+
+    def close_window(self) -> float:
+        """Tokens/s since the last call (the span between two logged records)."""
+        now = time.perf_counter()
+        self.tokens_per_s = self.window_tokens / max(now - self.window_start, 1e-9)
+        self.window_tokens, self.window_start = 0, now
+        return self.tokens_per_s
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    if cfg.precision.mode == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def train(cfg: Config, *, on_step=None) -> TrainResult:
+    """Train as ``cfg`` says; returns a summary. ``on_step(step, record)`` is called after every step."""
+    setup = resolve(cfg)
+    seed_everything(cfg.run.seed)
+    loader, validation = open_data(cfg, setup)
+    run = build_run(cfg, setup)
+    model = run.module  # plain names over this rank's shards/stages: optimizer, checkpoints, clipping
+    optimizer = build_optimizer(model, cfg.optimizer)
+    schedule = Schedule(cfg.optimizer.lr, cfg.schedule, setup.n_steps)
+    progress = restore(cfg, setup, model, optimizer, loader, schedule)
+    log = open_log(cfg, setup, progress.step)
+    bar = progress_bar(cfg, setup, progress.step)
+    budget = cfg.length.max_minutes * 60.0
+
+    def save() -> Path:
+        return save_checkpoint(cfg, setup, model, optimizer, schedule, loader, progress)
+
+    record = None
+    try:
+        while progress.step < setup.n_steps:
+            if budget and progress.train_seconds() >= budget:
+                setup.world.log(f"time budget of {cfg.length.max_minutes} min reached at step {progress.step}")
+                break
+            record = train_step(cfg, setup, run, optimizer, schedule, loader, progress, budget)
+            if progress.step % cfg.logging.every == 0 or progress.step == setup.n_steps:
+                record = with_throughput(record, setup, progress)
+                log.log(record)
+            update_bar(bar, record, setup, progress, budget)
+            if on_step is not None:
+                on_step(progress.step, record)
+            if progress.bad_in_row >= cfg.run.max_bad_steps:
+                stop_diverged(progress, save)
+            with progress.pause():
+                if validation is not None and cfg.logging.val_every and due(progress, cfg.logging.val_every, setup):
+                    validate(run, validation, setup, progress, log, bar)
+                if cfg.checkpoint.every and due(progress, cfg.checkpoint.every, setup):
+                    progress.last_ckpt = save()
+    finally:
+        if bar is not None:
+            bar.close()
+    return finish(cfg, setup, run, validation, log, progress, record, save)
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, accumulated in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def open_data(cfg: Config, setup: RunSetup):
+    """(training loader, held-out set or None) for this rank's slice of the data."""
+    from ..data.loader import MixtureLoader, ValidationSet
+
+    dp_rank = setup.dims.dp_rank()
+    loader = MixtureLoader(setup.data_dir, split="train", batch_size=cfg.batch.micro_batch, seq_len=setup.seq_len,
+                           seed=cfg.run.seed, rank=dp_rank, world_size=setup.dp)
+    validation = None
+    if cfg.data.val_batches:
+        try:
+            validation = ValidationSet(setup.data_dir, setup.seq_len, cfg.batch.micro_batch,
+                                       max_batches=cfg.data.val_batches, rank=dp_rank, world_size=setup.dp)
+        except ValueError as exc:
+            setup.world.log(f"no validation: {exc}")
+    return loader, validation
 
 
-def prepare_data(cfg: Config, world: Distributed) -> Path:
-    """The prepared folder of ``[data]``: ``prepared`` as is, or the ``recipe`` (default: the built-in corpus)
-    prepared by rank 0 first -- a no-op when it is already up to date."""
-    if cfg.data.recipe and not Path(cfg.data.recipe).is_file():
-        raise ConfigError(f"data.recipe: {cfg.data.recipe}: no such recipe file")
-    if cfg.data.prepared and not cfg.data.recipe:
-        folder = Path(cfg.data.prepared)
-        if not (folder / "manifest.json").is_file():
-            why = "does not exist" if not folder.exists() else "is not a prepared data folder (no manifest.json)"
-            raise ConfigError(f"data.prepared: {folder} {why}; write one with `llamalab data prepare RECIPE "
-                              f"--output {folder}` or set data.recipe")
-        return folder
-    from ..data.prepare import prepare
+def build_run(cfg: Config, setup: RunSetup):
+    """The model, laid out by ``llamalab.parallel`` (one process: activation checkpointing and compile only).
 
-    folder = None
-    if world.is_main:
-        folder = Path(prepare(cfg.data.recipe or None, output=cfg.data.prepared or None))
-    if world.world_size > 1:
-        shared = [str(folder) if world.is_main else None]
-        dist.broadcast_object_list(shared, src=0)
-        folder = Path(shared[0])
-    return folder
-
-
-def batch_layout(cfg: Config, seq_len: int, world: Distributed) -> tuple[int, int, int]:
-    """(data-parallel degree, gradient-accumulation steps, tokens per optimizer step)."""
-    from ..parallel.mesh import ParallelDims
-
-    dp = ParallelDims.from_config(cfg.parallel, world.world_size).dp
-    per_micro = cfg.batch.micro_batch * seq_len * dp
-    accum = max(1, round(cfg.batch.global_tokens / per_micro))
-    return dp, accum, accum * per_micro
-
-
-def total_steps(cfg: Config, tokens_per_step: int) -> int:
-    if cfg.length.steps:
-        return cfg.length.steps
-    if cfg.length.tokens:
-        return max(1, math.ceil(cfg.length.tokens / tokens_per_step))
-    return 10**12  # time-bounded only
-
-
-def parallelize(model, cfg: Config, dims, mesh, device: torch.device):
-    """Apply the ``[parallel]`` layout (``llamalab.parallel``) to the fully initialised model; one process keeps
-    the model as it is. Returns the ``ParallelRun`` the loop trains through."""
+    Under several ranks the model is built on the meta device (shapes only); parallelize shards it, then rank
+    0's seeded weights fill the shards, so every layout starts from the weights one process would.
+    """
     from ..parallel.runtime import ParallelRun
 
-    return ParallelRun.setup(model, dims, mesh, device=device, loss_fn=cross_entropy_loss,
-                             autocast=lambda: autocast_context(cfg, device),
-                             ac_mode=cfg.activation_checkpoint.mode, compile=cfg.compile.enabled,
-                             precision=cfg.precision.mode, pp_schedule=cfg.parallel.pp_schedule,
-                             pp_microbatches=cfg.parallel.pp_microbatches, seed=cfg.run.seed)
+    if setup.world.world_size > 1:
+        model = build_model(setup.args, device="meta", init=False)
+    else:
+        model = build_model(setup.args, device=setup.device, seed=cfg.run.seed)
+    return ParallelRun.setup(model, setup.dims, setup.mesh, device=setup.device, loss_fn=cross_entropy_loss,
+                             autocast=setup.autocast, ac_mode=cfg.activation_checkpoint.mode,
+                             compile=cfg.compile.enabled, precision=setup.precision,
+                             pp_schedule=cfg.parallel.pp_schedule, pp_microbatches=cfg.parallel.pp_microbatches,
+                             seed=cfg.run.seed)
+
+
+def restore(cfg: Config, setup: RunSetup, model, optimizer, loader, schedule) -> Progress:
+    """The progress of the checkpoint ``checkpoint.resume`` names (models, optimizer, loader and schedule loaded
+    in place), or a fresh start.
+
+    ``auto`` takes the newest checkpoint that verifies and loads; it starts fresh only when there is none at
+    all: checkpoints that are all unusable are an error naming each one and why, never a silent restart.
+    """
+    found = find_checkpoint(cfg, setup, model, optimizer) if cfg.checkpoint.resume else None
+    if found is None:
+        return Progress()
+    state, loader_state, folder = found
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
+    schedule.load_state_dict(state.get("schedule", {}))
+    setup.world.log(f"resumed from {folder} (step {state['step']}, {state['tokens']:,} tokens)")
+    return Progress(step=state["step"], tokens=state["tokens"], skipped=state.get("skipped_steps", 0),
+                    elapsed_before=state.get("train_seconds", 0.0), last_ckpt=folder, start_step=state["step"],
+                    start_tokens=state["tokens"])
+
+
+def find_checkpoint(cfg: Config, setup: RunSetup, model, optimizer):
+    """(trainer state, loader state, folder) loaded from ``checkpoint.resume``, or None to start fresh."""
+    if cfg.checkpoint.resume != "auto":
+        folder = Path(cfg.checkpoint.resume)
+        if not folder.is_dir():
+            raise ckpt.CheckpointError(f"--resume {folder}: no such checkpoint folder")
+        return _load(folder, model, optimizer, setup) + (folder,)
+    found = ckpt.list_checkpoints(setup.ckpt_root)
+    if not found:
+        setup.world.log(f"--resume auto: no checkpoint under {setup.ckpt_root}: starting fresh")
+        return None
+    failures = []
+    for _, folder in found:
+        try:
+            return _load(folder, model, optimizer, setup) + (folder,)
+        except ckpt.CheckpointError as exc:
+            failures.append(str(exc))
+            setup.world.log(f"skipping checkpoint {folder.name}: {exc}")
+    raise ckpt.CheckpointError(f"--resume auto: none of the {len(found)} checkpoints under {setup.ckpt_root} can "
+                               f"be resumed: {'; '.join(failures)}. Fix or move them away, or train into a new "
+                               "run.out_dir")
+
+
+def _load(folder: Path, model, optimizer, setup: RunSetup) -> tuple[dict, dict | None]:
+    ckpt.check_model_args(folder, setup.args.to_dict())
+    try:
+        return ckpt.load_checkpoint(folder, model, optimizer, rank=setup.world.rank)
+    except ckpt.CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"{folder}: cannot be loaded into this model and optimizer ({exc})") from exc
+
+
+def open_log(cfg: Config, setup: RunSetup, step: int) -> MetricsLog:
+    """The metrics sink (cut back to ``step`` on resume; a fresh start clears the previous run's files), the run's
+    ``config.json`` and the header line."""
+    world = setup.world
+    if not cfg.checkpoint.resume and world.is_main:
+        clear_previous_run(setup.out_dir, world)
+    log = MetricsLog(setup.out_dir, cfg.logging.tensorboard, enabled=world.is_main, resume_step=step,
+                     warn=world.log)
+    if world.is_main:
+        setup.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(setup.out_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        world.log(f"model {cfg.model.preset}: {setup.args.num_params() / 1e6:.2f}M parameters, vocab "
+                  f"{setup.args.vocab_size}; {setup.step_tokens:,} tokens/step = {cfg.batch.micro_batch} seq x "
+                  f"{setup.seq_len} x {setup.accum} accum x {setup.dp} dp; "
+                  f"{'time-bounded' if setup.time_bounded else f'{setup.n_steps} steps'}; precision "
+                  f"{setup.precision}; activation checkpointing {cfg.activation_checkpoint.mode}; compile "
+                  f"{cfg.compile.enabled}; peak {setup.peak_flops / 1e12:.3f} TFLOP/s")
+    return log
+
+
+def clear_previous_run(out_dir: Path, world) -> None:
+    """A fresh start in a used ``out_dir``: drop the old run's metrics, events and checkpoints, so the plot and
+    ``--resume auto`` never mix two runs (and the old, higher-numbered checkpoints are not kept over new ones)."""
+    import shutil
+
+    old = [p for p in (out_dir / "metrics.jsonl", out_dir / "tensorboard", out_dir / "checkpoints") if p.exists()]
+    if old:
+        world.log(f"starting from scratch in {out_dir}: removing the previous run's "
+                  + ", ".join(p.name for p in old) + " (use --resume auto to continue it instead)")
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def progress_bar(cfg: Config, setup: RunSetup, step: int):
+    if not (cfg.logging.progress and setup.world.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=None if setup.time_bounded else setup.n_steps, initial=step, unit="step",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def train_step(cfg: Config, setup: RunSetup, run, optimizer, schedule, loader, progress: Progress,
+               budget: float) -> dict:
+    """One optimizer step over ``accum`` micro-batches; a non-finite loss or gradient skips the update."""
+    time_fraction = min(1.0, progress.train_seconds() / budget) if budget else None
+    lr = schedule.apply(optimizer, progress.step, time_fraction)
+    loss_sum = torch.zeros((), device=setup.device)
+    for _ in range(setup.accum):
+        batch = next(loader).to(setup.device, non_blocking=True)
+        loss_sum += run.forward_backward(batch, setup.accum)
+    loss_sum = run.mean_over_ranks(loss_sum / setup.accum)
+    grad_norm = run.clip_grad_norm(cfg.optimizer.grad_clip)
+    loss, norm = loss_sum.item(), float(grad_norm)
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
+        optimizer.step()
+        progress.bad_in_row = 0
+    else:
+        progress.skipped += 1
+        progress.bad_in_row += 1
+        setup.world.log(f"step {progress.step + 1}: non-finite loss or gradient (loss {loss}, grad norm {norm}); "
+                        f"update skipped ({progress.bad_in_row} in a row, {progress.skipped} in total)")
+    optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.tokens += setup.step_tokens
+    progress.window_tokens += setup.step_tokens
+    progress.losses.append(loss)
+    if progress.step == progress.start_step + 1:
+        progress.first_step_end = progress.train_seconds()
+    return {"split": "train", "step": progress.step, "tokens": progress.tokens, "loss": loss if finite else None,
+            "lr": lr, "grad_norm": norm if finite else None, "skipped_steps": progress.skipped}
+
+
+def with_throughput(record: dict, setup: RunSetup, progress: Progress) -> dict:
+    tokens_per_s = progress.close_window()
+    return {**record, "tokens_per_s": tokens_per_s, "mfu": setup.mfu(tokens_per_s),
+            "train_seconds": progress.train_seconds()}
+
+
+def update_bar(bar, record: dict, setup: RunSetup, progress: Progress, budget: float) -> None:
+    if bar is None:
+        return
+    if budget and setup.time_bounded:  # timed run: the ETA comes from the time left
+        per_step = (progress.train_seconds() - progress.elapsed_before) / max(1, progress.step - progress.start_step)
+        bar.total = progress.step + max(0, int((budget - progress.train_seconds()) / max(per_step, 1e-9)))
+    bar.update(1)
+    bar.set_postfix(loss=f"{progress.losses[-1]:.3f}", lr=f"{record['lr']:.2e}",
+                    tok_s=f"{progress.tokens_per_s:,.0f}", mfu=f"{100 * setup.mfu(progress.tokens_per_s):.1f}%",
+                    refresh=False)
+
+
+def due(progress: Progress, every: int, setup: RunSetup) -> bool:
+    """Whether a periodic validation or checkpoint falls on this step (the last step has its own)."""
+    return progress.step % every == 0 and progress.step < setup.n_steps
+
+
+def stop_diverged(progress: Progress, save) -> None:
+    """Too many non-finite steps: the skipped steps changed no weights, so the model is the last good one."""
+    progress.last_ckpt = save()
+    first = progress.step - progress.bad_in_row + 1
+    raise TrainingDiverged(
+        f"{progress.bad_in_row} non-finite losses in a row (steps {first}-{progress.step}); stopping. The weights "
+        f"are the last finite ones, saved in {progress.last_ckpt}; resume with --resume auto after lowering "
+        "optimizer.lr or checking the data.")
+
+
+def save_checkpoint(cfg: Config, setup: RunSetup, model, optimizer, schedule, loader, progress: Progress) -> Path:
+    state = {"step": progress.step, "tokens": progress.tokens, "skipped_steps": progress.skipped,
+             "train_seconds": progress.train_seconds(), "schedule": schedule.state_dict(), "config": cfg.to_dict(),
+             "model_args": setup.args.to_dict()}
+    return ckpt.save_checkpoint(setup.ckpt_root, progress.step, model, optimizer, state, loader.state_dict(),
+                                rank=setup.world.rank, keep=cfg.checkpoint.keep)
+
+
+def validate(run, validation, setup: RunSetup, progress: Progress, log: MetricsLog, bar=None) -> dict:
+    stats = evaluate(run, validation, setup)
+    log.log({"split": "val", "step": progress.step, "tokens": progress.tokens, **stats})
+    if bar is not None:
+        bar.write(f"step {progress.step}: validation loss {stats['loss']:.4f}, {stats['bpb']:.4f} bits/byte")
+    return stats
 
 
 @torch.no_grad()
-def evaluate(model, validation, cfg: Config, device: torch.device, run=None) -> dict:
-    """Mean loss over the held-out batches; bits per byte and nats per byte from the set's bytes per token.
-
-    Under a parallel layout ``run`` (a ``ParallelRun``) computes each batch's loss sum.
-    """
+def evaluate(run, validation, setup: RunSetup) -> dict:
+    """Mean loss over the held-out batches; bits per byte and nats per byte from the set's bytes per token."""
+    model = run.module
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in validation.batches():
-        batch = batch.to(device, non_blocking=True)
-        if run is not None and run.mesh is not None:
-            batch_total, batch_count = run.eval_loss_sum(batch)
-            total, count = total + batch_total, count + batch_count
-            continue
-        with autocast_context(cfg, device):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].numel()
+        batch_total, batch_count = run.eval_loss_sum(batch.to(setup.device, non_blocking=True))
+        total, count = total + batch_total, count + batch_count
     stats = torch.tensor([total, count], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(stats)
@@ -195,298 +382,58 @@ def evaluate(model, validation, cfg: Config, device: torch.device, run=None) -> 
     return {"loss": loss, "bpb": per_byte / math.log(2), "loss_per_byte": per_byte}
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "checkpoints", "final", "loss.png", ".*.tmp-*",
-             ".*.old-*")  # all a run folder holds, with the temporary names of its atomic writes
-
-
-def clear_previous_run(out_dir: Path, world: Distributed) -> None:
-    """A fresh start in a used ``out_dir``: drop the old run's metrics, events and checkpoints, so the plot and
-    ``--resume auto`` never mix two runs (and the old, higher-numbered checkpoints are not kept over new ones)."""
-    import shutil
-
-    old = [p for p in (out_dir / "metrics.jsonl", out_dir / "tensorboard", out_dir / "checkpoints") if p.exists()]
-    if old:
-        _log(f"starting from scratch in {out_dir}: removing the previous run's "
-             + ", ".join(p.name for p in old) + " (use --resume auto to continue it instead)", world)
-    for path in old:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def restore(cfg: Config, ckpt_root: Path, model, optimizer, args: ModelArgs, world: Distributed):
-    """(trainer state, loader state, folder) of the checkpoint ``checkpoint.resume`` names, or None to start fresh.
-
-    ``auto`` takes the newest checkpoint that verifies and loads; it starts fresh only when there is none at
-    all: checkpoints that are all unusable are an error naming each one and why, never a silent restart.
-    """
-    if cfg.checkpoint.resume != "auto":
-        folder = Path(cfg.checkpoint.resume)
-        if not folder.is_dir():
-            raise ckpt.CheckpointError(f"--resume {folder}: no such checkpoint folder")
-        return _load(folder, model, optimizer, args, world) + (folder,)
-    found = ckpt.list_checkpoints(ckpt_root)
-    if not found:
-        _log(f"--resume auto: no checkpoint under {ckpt_root}: starting fresh", world)
-        return None
-    failures = []
-    for _, folder in found:
-        try:
-            restored = _load(folder, model, optimizer, args, world) + (folder,)
-        except ckpt.CheckpointError as exc:
-            failures.append(str(exc))
-            _log(f"skipping checkpoint {folder.name}: {exc}", world)
-            continue
-        return restored
-    raise ckpt.CheckpointError(f"--resume auto: none of the {len(found)} checkpoints under {ckpt_root} can be "
-                               f"resumed: {'; '.join(failures)}. Fix or move them away, or train into a new "
-                               "run.out_dir")
-
-
-def _load(folder: Path, model, optimizer, args: ModelArgs, world: Distributed) -> tuple[dict, dict | None]:
-    ckpt.check_model_args(folder, args.to_dict())
-    try:
-        return ckpt.load_checkpoint(folder, model, optimizer, rank=world.rank)
-    except ckpt.CheckpointError:
-        raise
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise ckpt.CheckpointError(f"{folder}: cannot be loaded into this model and optimizer ({exc})") from exc
-
-
-def _log(msg: str, world: Distributed) -> None:
-    if world.is_main:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def train(cfg: Config, *, on_step=None) -> TrainResult:
-    """Train as ``cfg`` says; returns a summary. ``on_step(step, record)`` is called after every step."""
-    requested = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    world = init_distributed(torch.device(requested).type)
-    device = resolve_device(cfg.run.device, world)
-    out_dir = Path(cfg.run.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    if world.is_main:
-        check_output_folder(out_dir, RUN_FILES, "run folder", hint="choose another run.out_dir")
-    resolve_precision(cfg, device)
-    seed_everything(cfg.run.seed)
-
-    from ..data.loader import MixtureLoader, ValidationSet
-
-    data_dir = prepare_data(cfg, world)
-    tokenizer_path = data_dir / "tokenizer.model"
-    vocab = None
-    if tokenizer_path.is_file():
-        from ..tokenizer import Tokenizer
-
-        vocab = Tokenizer(tokenizer_path).vocab_size
-    else:
-        vocab = json.loads((data_dir / "manifest.json").read_text()).get("vocab_size")
-    args: ModelArgs = cfg.model_args(vocab_size=vocab)
-    seq_len = cfg.data.seq_len or args.max_seq_len
-    if seq_len > args.max_seq_len:
-        raise ConfigError(f"data.seq_len: {seq_len} is longer than model.max_seq_len {args.max_seq_len}")
-    dp, accum, step_tokens = batch_layout(cfg, seq_len, world)
-    n_steps = total_steps(cfg, step_tokens)
-    from ..parallel.mesh import ParallelDims
-
-    dims = ParallelDims.from_config(cfg.parallel, world.world_size)
-    mesh = dims.build_mesh(device.type) if world.world_size > 1 else None
-    dp_rank = dims.dp_rank()
-
-    loader = MixtureLoader(data_dir, split="train", batch_size=cfg.batch.micro_batch, seq_len=seq_len,
-                           seed=cfg.run.seed, rank=dp_rank, world_size=dp)
-    validation = None
-    if cfg.data.val_batches:
-        try:
-            validation = ValidationSet(data_dir, seq_len, cfg.batch.micro_batch, max_batches=cfg.data.val_batches,
-                                       rank=dp_rank, world_size=dp)
-        except ValueError as exc:
-            _log(f"no validation: {exc}", world)
-
-    if world.world_size > 1:  # shapes only; parallelize shards them, then rank 0's seeded weights fill the shards
-        model = build_model(args, device="meta", init=False)
-    else:
-        model = build_model(args, device=device, seed=cfg.run.seed)
-    run = parallelize(model, cfg, dims, mesh, device)
-    model = run.module  # plain names over this rank's shards/stages: optimizer, checkpoints, clipping
-    if world.world_size == 1:
-        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
-        if cfg.compile.enabled:
-            model.compile()
-    optimizer = build_optimizer(model, cfg.optimizer)
-    schedule = Schedule(cfg.optimizer.lr, cfg.schedule, n_steps)
-
-    step, tokens, skipped, elapsed_before = 0, 0, 0, 0.0
-    last_ckpt: Path | None = None
-    restored = restore(cfg, ckpt_root, model, optimizer, args, world) if cfg.checkpoint.resume else None
-    if restored is not None:
-        state, loader_state, last_ckpt = restored
-        if loader_state is not None:
-            loader.load_state_dict(loader_state)
-        step, tokens = state["step"], state["tokens"]
-        schedule.load_state_dict(state.get("schedule", {}))
-        skipped, elapsed_before = state.get("skipped_steps", 0), state.get("train_seconds", 0.0)
-        _log(f"resumed from {last_ckpt} (step {step}, {tokens:,} tokens)", world)
-
-    start_tokens, start_step = tokens, step
-    flops_per_token = training_flops_per_token(args, seq_len)
-    if cfg.logging.peak_tflops:
-        peak = cfg.logging.peak_tflops * 1e12
-    else:
-        peak = measure_peak_flops(torch.bfloat16 if cfg.precision.mode == "bf16" else torch.float32, device)
-
-    def mfu_at(tokens_per_second: float) -> float:
-        return tokens_per_second * flops_per_token / (peak * world.world_size)
-
-    if not cfg.checkpoint.resume and world.is_main:
-        clear_previous_run(out_dir, world)
-    log = MetricsLog(out_dir, cfg.logging.tensorboard, enabled=world.is_main, resume_step=step,
-                     warn=lambda m: _log(m, world))
-    if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-        _log(f"model {cfg.model.preset}: {args.num_params() / 1e6:.2f}M parameters, vocab {args.vocab_size}; "
-             f"{step_tokens:,} tokens/step = {cfg.batch.micro_batch} seq x {seq_len} x {accum} accum x {dp} dp; "
-             f"{'time-bounded' if n_steps >= 10**12 else f'{n_steps} steps'}; precision {cfg.precision.mode}; "
-             f"activation checkpointing {cfg.activation_checkpoint.mode}; compile {cfg.compile.enabled}; "
-             f"peak {peak / 1e12:.3f} TFLOP/s", world)
-
-    def trainer_state() -> dict:
-        return {"step": step, "tokens": tokens, "skipped_steps": skipped, "train_seconds": train_seconds(),
-                "schedule": schedule.state_dict(), "config": cfg.to_dict(), "model_args": args.to_dict()}
-
-    def save() -> Path:
-        return ckpt.save_checkpoint(ckpt_root, step, model, optimizer, trainer_state(), loader.state_dict(),
-                                    rank=world.rank, keep=cfg.checkpoint.keep)
-
-    time_budget = cfg.length.max_minutes * 60.0
-    run_start = time.perf_counter()
-    paused = 0.0  # validation and checkpoint time, not counted as training time
-
-    def train_seconds() -> float:
-        return elapsed_before + time.perf_counter() - run_start - paused
-
-    bar = None
-    if cfg.logging.progress and world.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None if n_steps >= 10**12 else n_steps, initial=step, unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
-
-    model.train()
-    losses: list[float] = []
-    window_tokens, window_start = 0, time.perf_counter()
-    tokens_per_s = mfu = 0.0
-    bad_in_row = 0
-    val_stats: dict | None = None
-    loss_value: float | None = None
-    try:
-        while step < n_steps:
-            if time_budget and train_seconds() >= time_budget:
-                _log(f"time budget of {cfg.length.max_minutes} min reached at step {step}", world)
-                break
-            time_fraction = min(1.0, train_seconds() / time_budget) if time_budget else None
-            lr = schedule.apply(optimizer, step, time_fraction)
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
-                batch = next(loader).to(device, non_blocking=True)
-                loss_sum += run.forward_backward(batch, accum)
-            loss_sum = run.mean_over_ranks(loss_sum / accum)
-            grad_norm = run.clip_grad_norm(cfg.optimizer.grad_clip)
-            loss_value, norm_value = loss_sum.item(), float(grad_norm)
-            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-            if finite:
-                optimizer.step()
-                bad_in_row = 0
-            else:
-                skipped += 1
-                bad_in_row += 1
-                _log(f"step {step + 1}: non-finite loss or gradient (loss {loss_value}, grad norm {norm_value}); "
-                     f"update skipped ({bad_in_row} in a row, {skipped} in total)", world)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += step_tokens
-            window_tokens += step_tokens
-            losses.append(loss_value)
-            if step == start_step + 1:
-                first_step_end = train_seconds()
-
-            record = {"split": "train", "step": step, "tokens": tokens, "loss": loss_value if finite else None,
-                      "lr": lr, "grad_norm": norm_value if finite else None, "skipped_steps": skipped}
-            if step % cfg.logging.every == 0 or step == n_steps:
-                now = time.perf_counter()
-                tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                mfu = mfu_at(tokens_per_s)
-                record.update(tokens_per_s=tokens_per_s, mfu=mfu, train_seconds=train_seconds())
-                log.log(record)
-                window_tokens, window_start = 0, now
-            if bar is not None:
-                if time_budget and n_steps >= 10**12:  # timed run: the ETA comes from the time left
-                    per_step = (train_seconds() - elapsed_before) / max(1, step - start_step)
-                    bar.total = step + max(0, int((time_budget - train_seconds()) / max(per_step, 1e-9)))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                mfu=f"{100 * mfu:.1f}%", refresh=False)
-            if on_step is not None:
-                on_step(step, record)
-
-            if bad_in_row >= cfg.run.max_bad_steps:
-                # The skipped steps changed no weights, so the model is the last good one: save it.
-                last_ckpt = save()
-                raise TrainingDiverged(
-                    f"{bad_in_row} non-finite losses in a row (steps {step - bad_in_row + 1}-{step}); stopping. "
-                    f"The weights are the last finite ones, saved in {last_ckpt}; resume with --resume auto after "
-                    "lowering optimizer.lr or checking the data.")
-            pause_start = time.perf_counter()
-            if validation is not None and cfg.logging.val_every and step % cfg.logging.val_every == 0 \
-                    and step < n_steps:
-                val_stats = evaluate(model, validation, cfg, device, run)
-                log.log({"split": "val", "step": step, "tokens": tokens, **val_stats})
-                if bar is not None:
-                    bar.write(f"step {step}: validation loss {val_stats['loss']:.4f}, "
-                              f"{val_stats['bpb']:.4f} bits/byte")
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < n_steps:
-                last_ckpt = save()
-            paused += time.perf_counter() - pause_start
-            window_start += time.perf_counter() - pause_start
-    finally:
-        if bar is not None:
-            bar.close()
-    trained_seconds = train_seconds()  # the final checkpoint and validation below are not training
-    if window_tokens and step > start_step:  # a timed run stopped between two records: log its last step
-        now = time.perf_counter()
-        tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-        mfu = mfu_at(tokens_per_s)
-        log.log({**record, "tokens_per_s": tokens_per_s, "mfu": mfu, "train_seconds": trained_seconds})
-
-    if last_ckpt is None or last_ckpt.name != ckpt.step_dir_name(step):
-        last_ckpt = save()
-    result = TrainResult(out_dir=out_dir, steps=step, tokens=tokens, train_loss=loss_value, skipped_steps=skipped,
-                         train_seconds=trained_seconds, peak_flops=peak, checkpoint=last_ckpt, losses=losses)
+def finish(cfg: Config, setup: RunSetup, run, validation, log: MetricsLog, progress: Progress, record, save
+           ) -> TrainResult:
+    """The last record, the final checkpoint and validation, the native export and the summary."""
+    trained_seconds = progress.train_seconds()  # the final checkpoint and validation below are not training
+    if progress.window_tokens and record is not None:  # a timed run stopped between two records
+        log.log({**with_throughput(record, setup, progress), "train_seconds": trained_seconds})
+    if progress.last_ckpt is None or progress.last_ckpt.name != ckpt.step_dir_name(progress.step):
+        progress.last_ckpt = save()
+    result = TrainResult(out_dir=setup.out_dir, steps=progress.step, tokens=progress.tokens,
+                         train_loss=progress.losses[-1] if progress.losses else None,
+                         skipped_steps=progress.skipped, train_seconds=trained_seconds,
+                         peak_flops=setup.peak_flops, checkpoint=progress.last_ckpt, losses=progress.losses)
     if validation is not None:
-        val_stats = evaluate(model, validation, cfg, device, run)
-        log.log({"split": "val", "step": step, "tokens": tokens, **val_stats})
-        result.val_loss, result.val_bpb = val_stats["loss"], val_stats["bpb"]
-        result.val_loss_per_byte = val_stats["loss_per_byte"]
-    session_seconds = result.train_seconds - elapsed_before
-    if session_seconds > 0:
-        result.tokens_per_s = (tokens - start_tokens) / session_seconds
-        result.mfu = mfu_at(result.tokens_per_s)
-    if step > start_step + 1:  # the first step compiles and warms up: 32 s of a 40 s GPU run (docs/training.md)
-        result.steady_tokens_per_s = (tokens - start_tokens - step_tokens) / (result.train_seconds - first_step_end)
-        result.steady_mfu = mfu_at(result.steady_tokens_per_s)
+        stats = validate(run, validation, setup, progress, log)
+        result.val_loss, result.val_bpb, result.val_loss_per_byte = stats["loss"], stats["bpb"], stats["loss_per_byte"]
+    summarize_throughput(result, setup, progress)
     log.close()
-    if world.is_main:
-        if cfg.checkpoint.save_final and world.world_size > 1:  # gather the shards from the last checkpoint
-            from ..convert.dcp import export_native
-
-            result.final_dir = export_native(last_ckpt / "dcp", out_dir / "final", args=args,
-                                             tokenizer_path=tokenizer_path if tokenizer_path.is_file() else None)
-        elif cfg.checkpoint.save_final:
-            from ..checkpoint import save_pretrained
-
-            result.final_dir = save_pretrained(out_dir / "final", model,
-                                               tokenizer_path if tokenizer_path.is_file() else None)
+    if setup.world.is_main:
+        export_final(cfg, setup, run, result)
         if cfg.logging.plot and log.path.is_file():
-            result.plot = plot_loss_curve(log.path, out_dir / "loss.png", title=f"{cfg.run.name}: {cfg.model.preset}")
+            result.plot = plot_loss_curve(log.path, setup.out_dir / "loss.png",
+                                          title=f"{cfg.run.name}: {cfg.model.preset}")
     if dist.is_initialized():
         dist.barrier()
     return result
+
+
+def summarize_throughput(result: TrainResult, setup: RunSetup, progress: Progress) -> None:
+    """This session's average throughput and MFU, and the same after its first step (compile, warm-up: 32 s of
+    a 40 s GPU run, docs/training.md)."""
+    session_tokens = progress.tokens - progress.start_tokens
+    session_seconds = result.train_seconds - progress.elapsed_before
+    if session_seconds > 0:
+        result.tokens_per_s = session_tokens / session_seconds
+        result.mfu = setup.mfu(result.tokens_per_s)
+    if progress.step > progress.start_step + 1:
+        result.steady_tokens_per_s = (session_tokens - setup.step_tokens) / (
+            result.train_seconds - progress.first_step_end)
+        result.steady_mfu = setup.mfu(result.steady_tokens_per_s)
+
+
+def export_final(cfg: Config, setup: RunSetup, run, result: TrainResult) -> None:
+    """``out_dir/final``, a native folder; several ranks gather it from the last checkpoint's shards."""
+    if not cfg.checkpoint.save_final:
+        return
+    final = setup.out_dir / "final"
+    if setup.world.world_size > 1:
+        from ..convert.dcp import export_native
+
+        result.final_dir = export_native(result.checkpoint / "dcp", final, args=setup.args,
+                                         tokenizer_path=setup.tokenizer_path)
+    else:
+        from ..checkpoint import save_pretrained
+
+        result.final_dir = save_pretrained(final, run.module, setup.tokenizer_path)
