@@ -1,8 +1,12 @@
+import copy
+
 import pytest
 import torch
 
+from llamalab.generate import kv_caches
 from llamalab.model import PRESETS, ConfigError, ModelArgs, build_model, preset_args
 from llamalab.model.args import ffn_params_for_hidden
+from llamalab.parallel.pipeline import stage_module
 
 PAPER = {  # Table 2 of the paper: dim, heads, layers, lr, tokens; FFN hidden and billions of parameters
     "llama-7b": (4096, 32, 32, 3.0e-4, 1.0e12, 11008, 6.7),
@@ -100,3 +104,50 @@ def test_rope_tables_stay_fp32_in_bf16_model():
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     ref = build_model(preset_args("tiny"), seed=0)
     torch.testing.assert_close(model.rope_sin, ref.rope_sin)
+
+
+def test_forward_is_output_of_hidden_states():
+    args = preset_args("tiny")
+    model = build_model(args, seed=0)
+    tokens = torch.randint(0, args.vocab_size, (2, 10))
+
+    def from_hidden(*a, **k):
+        return model.output(model.hidden_states(*a, **k))
+
+    assert torch.equal(model(tokens), from_hidden(tokens))
+    at = torch.tensor([9, 3])
+    assert torch.equal(model(tokens, logits_at=at), from_hidden(tokens, at=at))
+
+    @torch.inference_mode()
+    def prefill_then_step(fn):
+        """A prefill and one decode step through generate's caches (the documented cache protocol)."""
+        caches = kv_caches(args.n_layers, 2, args.kv_heads, 16, args.head_dim, torch.float32, "cpu")
+        slots, outs = torch.arange(16), []
+        for toks, pos in ((tokens, torch.arange(10).expand(2, -1)), (tokens[:, :1], torch.full((2, 1), 10))):
+            outs.append(fn(toks, pos, caches, (slots <= pos[:, :, None])[:, None]))
+        return outs
+
+    (prefill, step), (prefill_h, step_h) = prefill_then_step(model), prefill_then_step(from_hidden)
+    assert torch.equal(prefill, prefill_h) and torch.equal(step, step_h)
+    torch.testing.assert_close(step[:, 0], model(torch.cat([tokens, tokens[:, :1]], 1))[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_are_the_normed_output_of_the_blocks():
+    """The loop the evaluation harness ran itself before the model had ``hidden_states``."""
+    args = preset_args("tiny")
+    model = build_model(args, seed=0)
+    tokens = torch.randint(0, args.vocab_size, (2, 10))
+    h = model.tok_embeddings(tokens)
+    for layer in model.layers.values():
+        h = layer(h, model.rope_cos[:10], model.rope_sin[:10])
+    assert torch.equal(model.hidden_states(tokens), model.norm(h))
+
+
+def test_pipeline_stages_chain_to_the_whole_model():
+    """A stage without embedding, norm or output layer passes hidden states through those steps."""
+    args = preset_args("tiny")
+    model = build_model(args, seed=0)
+    tokens = torch.randint(0, args.vocab_size, (2, 10))
+    first = stage_module(copy.deepcopy(model), range(0, 1), first=True, last=False)
+    last = stage_module(copy.deepcopy(model), range(1, 2), first=False, last=True)
+    assert torch.equal(last(first(tokens)), model(tokens))

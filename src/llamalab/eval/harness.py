@@ -76,7 +76,8 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_seq_len: int, 
 
 
 class _RecordKV:
-    """Keeps the keys and values a prefix pass produces (the model calls ``update`` in every layer)."""
+    """A cache (``Transformer``'s protocol) for the mask-free prefix pass: keeps the new keys and values and
+    returns just them, so that pass's attention is the plain causal one."""
 
     def update(self, input_pos, k, v):
         self.k, self.v = k, v
@@ -84,7 +85,8 @@ class _RecordKV:
 
 
 class _PrefixKV:
-    """Prepends each row's prefix keys/values (gathered from a ``_RecordKV``) to the new tokens' ones.
+    """A cache for the masked pass over the rest: prepends each row's padded prefix keys/values (gathered from
+    a ``_RecordKV``) to the new tokens' ones; the mask hides the padding.
 
     The gather happens inside ``update``, so only one layer's per-row copies exist at a time."""
 
@@ -94,18 +96,6 @@ class _PrefixKV:
     def update(self, input_pos, k, v):
         return (torch.cat([self.record.k[self.rows], k], dim=2),
                 torch.cat([self.record.v[self.rows], v], dim=2))
-
-
-def _hidden(model, tokens: torch.Tensor, input_pos=None, caches=None, mask=None) -> torch.Tensor:
-    """The final normed hidden states (the model's forward without the output layer)."""
-    h = model.tok_embeddings(tokens)
-    if input_pos is None:
-        cos, sin = model.rope_cos[: tokens.shape[1]], model.rope_sin[: tokens.shape[1]]
-    else:
-        cos, sin = model.rope_cos[input_pos], model.rope_sin[input_pos]
-    for i, layer in enumerate(model.layers.values()):
-        h = layer(h, cos, sin, caches[i], input_pos, mask)
-    return model.norm(h)
 
 
 def _common_prefix(seqs: list[tuple[int, ...]]) -> int:
@@ -207,8 +197,8 @@ class Scorer:
         for g, (p, rows) in enumerate(batch):
             prefix_tokens[g, :p] = torch.tensor(rows[0][1][:p], device=dev)
         records = [_RecordKV() for _ in range(n_layers)]
-        h_prefix = _hidden(model, prefix_tokens, caches=records)  # (G, lp, dim); right padding is never seen
-        h_last = h_prefix[torch.arange(len(batch), device=dev), prefix_lens - 1]  # (G, dim)
+        # (G, dim) at each prefix's last token; the right padding after it is never seen
+        h_last = model.hidden_states(prefix_tokens, caches=records, at=prefix_lens - 1)[:, 0]
 
         flat = [(g, u, inp, n) for g, (_, rows) in enumerate(batch) for u, inp, n in rows]
         lc = max(1, max(len(inp) - batch[g][0] for g, _, inp, _ in flat))
@@ -228,7 +218,7 @@ class Scorer:
             torch.ones(lc, lc, dtype=torch.bool, device=dev).tril()[None].expand(len(flat), -1, -1),
         ], dim=2)[:, None]
         caches = [_PrefixKV(rec, row_group) for rec in records]
-        h_rest = _hidden(model, tokens, input_pos=input_pos, caches=caches, mask=mask)  # (R, lc, dim)
+        h_rest = model.hidden_states(tokens, input_pos=input_pos, caches=caches, mask=mask)  # (R, lc, dim)
 
         # hidden state predicting each scored token: position prefix-1 is the prefix pass's last one
         hidden = torch.cat([h_last, h_rest.reshape(-1, h_rest.shape[-1])])

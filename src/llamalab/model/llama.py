@@ -4,8 +4,8 @@ Pre-normalisation with RMSNorm, SwiGLU feed-forward, rotary position embeddings 
 attention through ``scaled_dot_product_attention``, grouped-query attention when ``n_kv_heads < n_heads``, no
 biases and an untied output layer. Parameter names are Meta's, so Meta checkpoints load one to one.
 
-This file knows nothing of parallelism, checkpoints or command lines. Generation passes a key/value cache (any
-object with ``update(input_pos, k, v) -> (k, v)``) per layer; training passes none.
+This file knows nothing of parallelism, checkpoints or command lines. Inference (generation, evaluation) passes a
+key/value cache per layer, following the protocol in ``Transformer``'s docstring; training passes none.
 """
 
 from __future__ import annotations
@@ -141,7 +141,23 @@ class Transformer(nn.Module):
 
     Build it on the meta device and call ``init_weights()`` once it has real storage (see ``build_model``), so
     a 65B model is never materialised twice. ``layers`` is a ModuleDict keyed by layer number, so pipeline
-    stages can delete layers and keep Meta's names (``layers.N...``).
+    stages can delete layers and keep Meta's names (``layers.N...``); a stage without ``tok_embeddings``,
+    ``norm`` or ``output`` (None) takes and passes on hidden states there instead.
+
+    Inference interface, shared by ``forward`` and ``hidden_states``:
+
+    - ``input_pos``: the positions of ``tokens``, (seq,) or (batch, seq); None means 0..seq-1. They select the
+      rotary angles and are handed unchanged to each cache's ``update``.
+    - ``caches``: None, or one cache per layer of this module, indexed in layer order. A cache is any object
+      with ``update(input_pos, k, v) -> (k, v)``, which its layer calls once per pass with the new tokens' keys
+      (rotated) and values, each (batch, kv_heads, seq, head_dim) in the activations' dtype (kv_heads: this
+      rank's heads under tensor parallelism). It returns the keys and values the new tokens attend over,
+      (batch, kv_heads, slots, head_dim), same dtype and device, the new ones among them; what it keeps, and
+      where, is its own business.
+    - ``mask``: None, or a boolean (batch or 1, 1, seq, slots) mask, True where query t may attend to entry s;
+      only the first ``slots`` entries ``update`` returns are read, so a cache may return a larger static
+      buffer. Without a mask attention is causal from the first returned entry (query t sees entries 0..t),
+      so ``update`` must then return exactly the new tokens' keys and values.
     """
 
     def __init__(self, args: ModelArgs):
@@ -201,14 +217,23 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, caches=None,
                 mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``tokens`` (batch, seq).
+        """Logits for ``tokens`` (batch, seq): the output layer applied to ``hidden_states``.
 
-        Training: only ``tokens``; attention is causal from position 0. Generation: ``input_pos`` holds the
-        positions of ``tokens`` ((seq,) or (batch, seq)), ``caches`` one cache per layer and ``mask`` a boolean
-        (batch or 1, 1, seq, slots) attention mask over the first ``slots`` cache entries, True where attention
-        is allowed; entries past ``slots`` are not read. ``logits_at`` (batch,) picks one sequence index per row:
-        only those positions reach the final norm and output layer, and the logits are (batch, 1, vocab). A
-        prefill needs only each prompt's last logits, and the output layer is the largest matrix.
+        Training passes only ``tokens``: attention is causal from position 0. Inference passes ``input_pos``,
+        ``caches`` and ``mask`` as the class docstring describes. ``logits_at`` (batch,) picks one sequence
+        index per row: only those positions reach the final norm and output layer, and the logits are
+        (batch, 1, vocab). A prefill needs only each prompt's last logits, and the output layer is the largest
+        matrix.
+        """
+        h = self.hidden_states(tokens, input_pos, caches, mask, at=logits_at)
+        return self.output(h) if self.output is not None else h
+
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, caches=None,
+                      mask: torch.Tensor | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states (batch, seq, dim) of ``tokens``: ``forward`` without the output layer.
+
+        For callers that apply the output layer themselves, to the few positions they score (the evaluation
+        harness). Arguments as in ``forward``; ``at`` is its ``logits_at``, giving (batch, 1, dim).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if input_pos is None:
@@ -217,10 +242,9 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, cos, sin, None if caches is None else caches[i], input_pos, mask)
-        if logits_at is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), at][:, None]
+        return self.norm(h) if self.norm is not None else h
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
