@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -15,3 +18,23 @@ torch.set_num_threads(1)
 @pytest.fixture
 def shared():
     return shared_path
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a fresh tmpfs of ``size`` ("3m") mounted under tmp_path -- a real disk that fills up.
+    Skips where mounting is not allowed (it needs root)."""
+    mounts = []
+
+    def mount(size: str):
+        folder = tmp_path / f"tmpfs{len(mounts)}"
+        folder.mkdir()
+        if shutil.which("mount") is None or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
