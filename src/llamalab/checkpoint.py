@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .fs import atomic_write_dir
-from .model import ConfigError, ModelArgs, Transformer, build_model
+from .fs import atomic_write_dir, read_json_object
+from .model import ModelArgs, Transformer, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -58,21 +58,6 @@ def naming_safetensors_errors(path: Path) -> Iterator[None]:
         yield
     except SafetensorError as exc:
         raise CorruptFileError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
-
-
-def read_json_object(path: Path, layout: str) -> dict:
-    """The JSON object in ``path``; errors name the file, the line and, for a missing file, ``layout``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; {layout}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); expected a JSON object") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
-    return data
 
 
 def read_config(folder: Path) -> tuple[ModelArgs, dict[str, int]]:

@@ -14,6 +14,7 @@ model) goes through here, so the same rules hold everywhere:
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
@@ -191,3 +192,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def read_json_object(path: Path, layout: str) -> dict:
+    """The JSON object in ``path``; errors name the file, the line and, for a missing file, ``layout``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; {layout}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); expected a JSON object") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import naming_safetensors_errors, read_json_object
-from ..fs import atomic_write_dir
+from ..checkpoint import naming_safetensors_errors
+from ..fs import atomic_write_dir, read_json_object
 from ..model import ModelArgs
 from ..model.args import ffn_params_for_hidden
 from .common import load_torch_tensors

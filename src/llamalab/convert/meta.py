@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_json_object
-from ..fs import atomic_write_dir
+from ..fs import atomic_write_dir, read_json_object
 from ..model import ModelArgs
 from .common import load_torch_tensors, parse_dtype, read_native, write_native
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fs import read_json_object
+
 MANIFEST_NAME = "manifest.json"
 COMPLETE_NAME = "COMPLETE"
 TOKENIZER_NAME = "tokenizer.model"
@@ -150,7 +152,7 @@ class PreparedData:
             raise FileNotFoundError(
                 f"{self.folder}: not a complete prepared data folder (no {COMPLETE_NAME} marker); "
                 "run `llamalab data prepare` to (re)build it")
-        self.manifest = json.loads((self.folder / MANIFEST_NAME).read_text())
+        self.manifest = read_json_object(self.folder / MANIFEST_NAME, "a prepared data folder holds manifest.json")
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{self.folder}: prepared with format {self.manifest.get('format_version')}, "
                              f"this llamalab reads {FORMAT_VERSION}; prepare it again")
