@@ -56,6 +56,9 @@ def paths(tmp_path_factory) -> dict[str, str]:
     (tmp / "junk.gguf").write_bytes(b"GGUF" + bytes(40))
     (tmp / "text.txt").write_text("Once upon a time. " * 10)
     (tmp / "not-a-tokenizer.model").write_text("hello")
+    (tmp / "badprep").mkdir()
+    (tmp / "badprep" / "manifest.json").write_text("{\n")
+    (tmp / "badprep" / "COMPLETE").write_text("")
     return {"ck": str(ck), "bare": str(bare), "trunc": str(trunc), "data": str(data), "tmp": str(tmp),
             "tok": str(tok)}
 
@@ -116,6 +119,8 @@ CASES = [
      "{tmp}/not-a-tokenizer.model: not a SentencePiece model"),
     ("tokenizer-decode-id-out-of-range", ["tokenizer", "decode", "--model", "{tok}", "5", "300"],
      "ids [300] are not in {tok}'s vocabulary"),
+    ("data-info-not-prepared", ["data", "info", "{tmp}"], "{tmp}: not a complete prepared data folder"),
+    ("data-info-bad-manifest", ["data", "info", "{tmp}/badprep"], "{tmp}/badprep/manifest.json: invalid JSON at line 2"),
     ("plan-unknown-preset", ["plan", "llama-99b", *PLAN], "unknown model preset 'llama-99b'"),
     ("plan-missing-config", ["plan", "{tmp}/run.toml", *PLAN], "{tmp}/run.toml"),
     ("plan-bad-layout", ["plan", "llama-7b", *PLAN, "--tp", "3"], "not divisible"),
