@@ -28,9 +28,10 @@ COMMANDS = {
     "generate": "generate text from a checkpoint (one-shot or interactive)",
     "convert": "convert checkpoints between native, Hugging Face, Meta, llama2.c and GGUF",
     "demo": "prepare the built-in corpus, train the demo model for a few minutes, sample from it",
+    "scaling": "compute-budgeted sweeps of training runs and the Chinchilla fits through them",
 }
 
-HAS_ACTIONS = {"data", "tokenizer"}  # `llamalab data prepare ...`: errors name the action too
+HAS_ACTIONS = {"data", "tokenizer", "scaling"}  # `llamalab data prepare ...`: errors name the action too
 
 
 def usage() -> str:
