@@ -41,7 +41,8 @@ import torch  # noqa: E402
 
 from llamalab.checkpoint import save_pretrained  # noqa: E402
 from llamalab.generate import generate_tokens  # noqa: E402
-from llamalab.inference.huge_pages import back_with_huge_pages  # noqa: E402
+from llamalab.inference.backend import accelerate  # noqa: E402
+from llamalab.inference.backend.huge_pages import back_with_huge_pages  # noqa: E402
 from llamalab.model import build_model  # noqa: E402
 from llamalab.model.args import preset_args  # noqa: E402
 
@@ -69,13 +70,14 @@ class Engine:
 class Llamalab(Engine):
     def __init__(self, name, model, compile: bool, batch: int = 1):
         super().__init__(name)
-        self.model, self.compile, self.batch = model, compile, batch
+        self.model, self.batch = model, batch
+        self.backend = accelerate(model, compile=compile)
 
     def run(self, n):
-        return generate_tokens(self.model, [PROMPT] * self.batch, max_new_tokens=n, compile=self.compile)[0]
+        return generate_tokens(self.backend, [PROMPT] * self.batch, max_new_tokens=n)[0]
 
     def first_token(self, prompt):
-        return generate_tokens(self.model, [prompt], max_new_tokens=1, compile=self.compile)[0][0]
+        return generate_tokens(self.backend, [prompt], max_new_tokens=1)[0][0]
 
 
 class Transformers(Engine):

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     from llamalab.convert.hf import export_hf
     from llamalab.eval.harness import Evaluator, evaluate_tasks
     from llamalab.eval.tasks import parse_tasks, write_lm_eval_tasks
+    from llamalab.inference.backend import accelerate
     from llamalab.model import build_model, preset_args
     from llamalab.tokenizer import Tokenizer
 
@@ -83,10 +84,12 @@ def main(argv=None) -> int:
                       batch_size=args.batch_size, device="cpu")
             ours = Evaluator(build_model(model_args, seed=0).to(dtype).eval(), tokenizer,
                              batch_size=args.batch_size, progress=False)
+            backend = accelerate(ours.scorer.model)  # the eval command's product mode
             times = {"llamalab": [], "lm-eval hf": []}
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                evaluate_tasks(ours, tasks, args.data_dir, args.limit)
+                with backend.products():
+                    evaluate_tasks(ours, tasks, args.data_dir, args.limit)
                 times["llamalab"].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 lm_eval.simple_evaluate(model=hf, tasks=list(task_dict.values()), limit=args.limit,

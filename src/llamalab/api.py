@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .inference.backend import Backend, accelerate
 from .model import ModelArgs, Transformer
 
 
@@ -17,12 +18,22 @@ class Pretrained:
     tokenizer: object | None  # llamalab.tokenizer.Tokenizer when the folder holds tokenizer.model
     special_ids: dict[str, int]
     path: Path
+    backends: dict[bool, Backend] = field(default_factory=dict, repr=False)  # by ``compile``
 
-    def generate(self, prompts, **kwargs):
-        """Generate from a prompt string (or a list of them); see ``llamalab.generate.generate``."""
+    def accelerate(self, compile: bool = False) -> Backend:
+        """The model's inference backend (``llamalab.inference.backend.accelerate``), built on first use: it keeps
+        the Decoders, so a compiled step compiles once per shape for this bundle."""
+        backend = self.backends.get(compile)
+        if backend is None or backend.model is not self.model:
+            backend = self.backends[compile] = accelerate(self.model, compile=compile)
+        return backend
+
+    def generate(self, prompts, *, compile: bool = False, **kwargs):
+        """Generate from a prompt string (or a list of them); ``compile`` compiles the decode step; see
+        ``llamalab.generate.generate`` for the rest."""
         from .generate import generate
 
-        return generate(self.model, self.tokenizer, prompts, **kwargs)
+        return generate(self.accelerate(compile), self.tokenizer, prompts, **kwargs)
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Pretrained:

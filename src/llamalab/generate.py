@@ -3,8 +3,10 @@
 The loop is gpt-fast's: every layer owns a static ``(batch, kv_heads, slots, head_dim)`` key and value
 buffer, the prompt fills it in one forward pass, and each later step feeds one token per row, attending over
 the filled part of the cache (``Decoder.window``). Shapes never change during a generation but for that
-window's length, a dynamic dimension, so the single-token step is compiled once (``compile=True``:
-torch.compile with inductor freezing on CPU, CUDA graphs on GPU) and replayed for every position.
+window's length, a dynamic dimension, so the single-token step can be compiled once and replayed for every
+position. How it runs on this machine (compiled or not, the CPU's product mode, huge pages) is the inference
+backend's business, applied from outside: ``generate_tokens(accelerate(model, compile=True), ...)``
+(``llamalab.inference.backend``).
 
 Batches of prompts of different lengths are exact: each row keeps its own positions (row ``i`` writes its
 token ``t`` into cache slot ``t``), the prompts are right-padded for the prefill, and a per-row mask lets a
@@ -15,25 +17,16 @@ per-row ``torch.Generator`` (seeded with ``seed``), so sampled tokens do not dep
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .inference.cache_key import cache_key_pass, weights_digest
-from .inference.fp32_products import fp32_products
-from .inference.huge_pages import back_with_huge_pages, huge_pages_for_new_graphs
-from .inference.quantize import Int8Linear, int8_linear
-from .inference.row_gemm import row_kernels
-from .model.llama import Attention, FeedForward
+from .inference.backend import Backend
 
-__all__ = ["ContextLengthError", "Decoder", "KVCache", "blocked_argmax", "generate", "generate_tokens", "kv_caches",
-           "sample_next"]
+__all__ = ["ContextLengthError", "Decoder", "KVCache", "blocked_argmax", "generate", "generate_tokens", "sample_next"]
 
 
 class ContextLengthError(UserError, ValueError):
@@ -44,7 +37,7 @@ class KVCache(nn.Module):
     """Static per-layer key/value buffers; ``update`` writes each row's new entries at that row's positions."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        """``k``, ``v``: zeroed (batch, kv_heads, slots, head_dim) buffers (``kv_caches`` makes them)."""
+        """``k``, ``v``: zeroed (batch, kv_heads, slots, head_dim) buffers (a Decoder's block)."""
         super().__init__()
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
@@ -59,21 +52,6 @@ class KVCache(nn.Module):
         self.k[rows, :, input_pos] = k.transpose(1, 2)  # advanced indices first: (batch, seq, heads, dim)
         self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
-
-
-def kv_caches(n_layers: int, batch_size: int, n_kv_heads: int, cache_len: int, head_dim: int, dtype,
-              device) -> list[KVCache]:
-    """One KVCache per layer, all views of one zeroed block.
-
-    Zeros, not empty: masked slots still enter the softmax-weighted sum with weight 0, and 0 * NaN = NaN. One block,
-    so that on the CPU it can sit on 2 MiB pages (``back_with_huge_pages``; a layer's own buffer is often under
-    2 MiB): every step reads the whole filled cache. Measured on ``small`` fp32 (12 layers, 320 slots, two
-    threads): ``torch.sum`` over the caches 9.5 GB/s on 4 KiB pages, 16.3 on huge pages; the compiled step's
-    attention kernel 192 -> 173 µs per layer (profiled, six alternated rounds, faster in each).
-    """
-    block = torch.zeros((n_layers, 2, batch_size, n_kv_heads, cache_len, head_dim), dtype=dtype, device=device)
-    back_with_huge_pages([block])  # CPU only; elsewhere nothing happens
-    return [KVCache(layer[0], layer[1]) for layer in block]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -100,49 +78,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return order.gather(-1, choice).squeeze(-1)
 
 
-class StackedLinear(nn.Module):
-    """Bias-free linear layers that read the same input, run as one matrix product (outputs side by side).
-
-    Only for a frozen compiled step: there the stacked weight is a constant, built once at compile time, so
-    stacking q/k/v (and w1/w3) costs nothing per token and cuts 43 matrix calls per ``stories15m`` token to 25.
-    Works for ``nn.Linear`` and ``Int8Linear`` parts; shares their tensors.
-    """
-
-    def __init__(self, *parts: nn.Module):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-        self.sizes = [part.weight.shape[0] for part in parts]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.cat([part.weight for part in self.parts])
-        if isinstance(self.parts[0], Int8Linear):
-            return int8_linear(x, weight, torch.cat([part.scales for part in self.parts]))
-        return F.linear(x, weight)
-
-
-class _StackedAttention(Attention):
-    def project(self, x):
-        return self.wqkv(x).split(self.wqkv.sizes, dim=-1)
-
-
-class _StackedFeedForward(FeedForward):
-    def project(self, x):
-        return self.w13(x).split(self.w13.sizes, dim=-1)
-
-
-def decode_view(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` for the compiled single-token step: q/k/v and w1/w3 stacked (no copy)."""
-    clone = copy.copy(module)
-    clone._modules = {name: None if child is None else decode_view(child) for name, child in module._modules.items()}
-    stacked = {Attention: (_StackedAttention, "wqkv", ("wq", "wk", "wv")),
-               FeedForward: (_StackedFeedForward, "w13", ("w1", "w3"))}.get(type(module))
-    if stacked is not None:
-        cls, name, parts = stacked
-        clone.__class__ = cls
-        clone._modules[name] = StackedLinear(*(module._modules[part] for part in parts))
-    return clone
-
-
 def blocked_argmax(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
     """``logits.argmax(-1)`` for (batch, vocab), as the best of per-block maxima (same index, first on ties).
 
@@ -161,36 +96,40 @@ def _cache_len(need: int, max_seq_len: int) -> int:
     return min(max_seq_len, 64 * math.ceil(need / 64))
 
 
-class Decoder:
-    """Static caches for ``batch_size`` rows of ``cache_len`` positions, a prefill and a (compilable) step.
+def _backend(model: nn.Module | Backend) -> Backend:
+    """``model``'s backend: a bare model decodes eagerly, with nothing kept beyond the call."""
+    return model if isinstance(model, Backend) else Backend(model)
 
-    Build it once and reuse it (``generate`` keeps one per shape on the model), so a compiled step is
-    compiled once. ``compile=True`` compiles the single-token step; the prefill stays eager.
+
+class Decoder:
+    """Static caches for ``batch_size`` rows of ``cache_len`` positions, a prefill and a single-token step.
+
+    ``model`` is a model (eager) or its backend (``llamalab.inference.backend.accelerate``), which runs the
+    step as it was asked to (``step`` and ``greedy``: ``step_logits`` and ``greedy_step``, compiled or not) and
+    keeps one Decoder per shape (``get_decoder``), so a compiled step is compiled once. The prefill stays eager.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, cache_len: int, *, compile: bool = False):
-        args = model.args
+    def __init__(self, model: nn.Module | Backend, batch_size: int, cache_len: int):
+        self.backend = _backend(model)
+        self.model = self.backend.model
+        args = self.model.args
         if cache_len > args.max_seq_len:
             raise ContextLengthError(f"cache length {cache_len} exceeds the model's max_seq_len={args.max_seq_len}")
-        self.model, self.batch_size, self.cache_len = model, batch_size, cache_len
-        self.dtype = model.tok_embeddings.weight.dtype
-        self.device = model.tok_embeddings.weight.device
-        self.step_model = decode_view(model) if compile and self.device.type == "cpu" else model
-        # one spare slot, never written or attended: no window is then the whole buffer, whose slice would be
-        # contiguous, a case the compiled step would specialise on (and recompile for the last window)
-        self.caches = kv_caches(args.n_layers, batch_size, args.kv_heads, cache_len + 1, args.head_dim, self.dtype,
-                                self.device)
+        self.batch_size, self.cache_len, self.device = batch_size, cache_len, self.backend.device
+        # All layers' keys and values are views of one zeroed block. Zeros, not empty: masked slots still enter
+        # the softmax-weighted sum with weight 0, and 0 * NaN = NaN. One block, so that on the CPU it can sit on
+        # 2 MiB pages (a layer's part is often under 2 MiB): every step reads the whole filled cache (``small``
+        # fp32, 320 slots: ``torch.sum`` over it 9.5 GB/s on 4 KiB pages, 16.3 on huge pages). One spare
+        # slot, never written or attended: no window is then the whole buffer, whose slice would be contiguous,
+        # a case the compiled step would specialise on (and recompile for the last window).
+        block = self.backend.zeros((args.n_layers, 2, batch_size, args.kv_heads, cache_len + 1, args.head_dim),
+                                   self.model.tok_embeddings.weight.dtype)
+        self.caches = [KVCache(layer[0], layer[1]) for layer in block]
         self.slots = torch.arange(cache_len, device=self.device)
         self._windows: dict[int, torch.Tensor] = {}
-        self.compiled = compile
-        self.weights_version = _weights_version(model) if compile else None  # the weights the step froze
-        self._step = self._compile(self.step_logits) if compile else self.step_logits
-        self._greedy_step = self._compile(self.greedy_step) if compile else self.greedy_step
-
-    def _compile(self, fn):
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        return _CompiledStep(torch.compile(fn, mode=mode, fullgraph=True, dynamic=False), self.device.type,
-                             self.model)
+        self.step_model = self.backend.step_model()
+        self.step = self.backend.compile_step(self.step_logits)
+        self.greedy = self.backend.compile_step(self.greedy_step)
 
     def reset(self) -> None:
         for cache in self.caches:
@@ -223,16 +162,15 @@ class Decoder:
         of the compiled step (one graph for every window, no recompiling as it grows)."""
         length = _cache_len(last_pos + 1, self.cache_len)
         if length not in self._windows:
-            self._windows[length] = self.slots[:length]
-            torch._dynamo.mark_dynamic(self._windows[length], 0)
+            self._windows[length] = self.backend.dynamic_length(self.slots[:length])
         return self._windows[length]
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Run the right-padded prompts through the model; (batch, vocab) logits at each row's last token.
 
-        Eager, with bf16 and int8 weights multiplied in fp32 on a CPU without native bf16 (``fp32_products``):
-        a 200-token prompt for ``small`` in bf16 took 2.07 s there, 0.44 s this way.
+        Eager, under the backend's product mode: bf16 and int8 weights multiplied in fp32 on a CPU without native
+        bf16 (a 200-token prompt for ``small`` in bf16 took 2.07 s there, 0.44 s this way).
         """
         lengths = [len(p) for p in prompts]
         width = max(lengths)
@@ -242,7 +180,7 @@ class Decoder:
         tokens = tokens.to(self.device)
         pos = torch.arange(width, device=self.device).expand(len(prompts), -1)
         last = torch.as_tensor(lengths, device=self.device) - 1
-        with fp32_products(self.model, tokens.numel()):
+        with self.backend.products(tokens.numel()):
             return self.forward(tokens, pos, logits_at=last)[:, 0].float()
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -280,74 +218,10 @@ class Decoder:
             with torch.inference_mode():
                 slots = self.window(longest + t)
                 if greedy:
-                    nxt = self._greedy_step(nxt[:, None], pos, slots)
+                    nxt = self.greedy(nxt[:, None], pos, slots)
                 else:
-                    logits = self._step(nxt[:, None], pos, slots)
+                    logits = self.step(nxt[:, None], pos, slots)
                 pos = pos + 1
-
-
-class _CompiledStep:
-    """A compiled step whose first call (the one that compiles) runs under the compile settings.
-
-    Inductor freezing (weights folded in as constants) is what makes a compiled CPU step pay; on CPU the
-    matrix products are also autotuned against inductor's own C++ GEMM template, which at one row streams
-    the weights far faster than MKL here (fp32 ``stories15m`` decode 8.1 -> 4.2 ms/token with the stacked
-    projections and the in-place cache write). Every Decoder compiles the same function for its own caches and
-    weights, so dynamo may keep more than its default 8 versions of it.
-
-    The CPU step also uses inductor's C++ wrapper (``cpp_wrapper``): the ~50 kernel calls of a step are made
-    from C++, not Python. With a model too small to cost anything (dim 48) a step fell from 0.73 to 0.41 ms;
-    ``stories15m`` decode gained 3-5% (alternated in one process), for ~10 s more compile.
-
-    On an AVX2 CPU, one-row products with bf16 or int8 weights, and batched ones with bf16 weights, use
-    llamalab's own micro-kernels inside inductor's template (``llamalab.inference.row_gemm``): the stock
-    ones read bf16 weights slower than fp32 ones.
-
-    On Linux the step's constants (its frozen weights) are then moved onto 2 MiB pages
-    (``llamalab.inference.huge_pages``): a step streams them all, and 4 KiB pages read ~10% slower here.
-
-    Later calls skip the settings and dynamo's guard checks (``skip_guard_eval_unsafe``: only the checks
-    that tell the Decoders' versions apart run): a Decoder's shapes never change but for the attention
-    window, which the graph takes as a dynamic length and ``Decoder.window`` keeps within the cache; the full
-    check cost ~0.3 ms per token.
-
-    On CUDA the step is a CUDA graph whose output lives in the graph's own memory, overwritten by the next
-    replay; the caller feeds one step's token into the next and may keep logits, so each output is cloned
-    (a few bytes per row, or one row of logits) and each call starts a new graph step.
-
-    Inductor's FX graph cache keys the compile on a digest of the model's weights
-    (``llamalab.inference.cache_key``): it keys a frozen graph on the weights' shapes only, and would serve a
-    model of the same shape the packed weights of another.
-    """
-
-    def __init__(self, fn, device_type: str, model: nn.Module):
-        self.fn, self.device_type, self.model, self.warm = fn, device_type, model, False
-
-    def __call__(self, *args):
-        if self.device_type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-            return self._run(*args).clone()
-        return self._run(*args)
-
-    def _run(self, *args):
-        if self.warm:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self.fn(*args)
-        import torch._dynamo.config as dynamo_config
-        import torch._inductor.config as inductor_config
-
-        settings = {"freezing": True,
-                    "post_grad_custom_pre_pass": cache_key_pass("llamalab-weights-" + weights_digest(self.model))}
-        kernels = pages = contextlib.nullcontext()
-        if self.device_type == "cpu":
-            settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", cpp_wrapper=True,
-                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-            kernels, pages = row_kernels(), huge_pages_for_new_graphs()
-        with inductor_config.patch(settings), kernels, pages, \
-                dynamo_config.patch(recompile_limit=max(64, dynamo_config.recompile_limit)):
-            out = self.fn(*args)
-        self.warm = True
-        return out
 
 
 def _generators(seed, batch: int, device) -> list[torch.Generator]:
@@ -369,30 +243,16 @@ def _uniform(generators: list[torch.Generator], device) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(device)
 
 
-def get_decoder(model: nn.Module, batch_size: int, need: int, *, compile: bool = False) -> Decoder:
-    """The model's Decoder for this shape, built on first use and kept on the model (compiled steps reused)."""
-    args = model.args
-    cache_len = _cache_len(need, args.max_seq_len)
-    dtype = model.tok_embeddings.weight.dtype
-    key = (batch_size, cache_len, dtype, model.tok_embeddings.weight.device, bool(compile))
-    decoders = model.__dict__.setdefault("_llamalab_decoders", {})
-    if key not in decoders or (compile and decoders[key].weights_version != _weights_version(model)):
-        decoders[key] = Decoder(model, batch_size, cache_len, compile=compile)
-    return decoders[key]
+def get_decoder(model: nn.Module | Backend, batch_size: int, need: int) -> Decoder:
+    """A Decoder for ``batch_size`` rows of ``need`` positions: the one the backend keeps for this shape (built on
+    first use, and again when the weights changed), so a compiled step is compiled once."""
+    backend = _backend(model)
+    cache_len = _cache_len(need, backend.model.args.max_seq_len)
+    return backend.kept((batch_size, cache_len), lambda: Decoder(backend, batch_size, cache_len))
 
 
-def _weights_version(model: nn.Module) -> tuple[int, ...] | None:
-    """The in-place-write counters of the model's tensors: a compiled step holds frozen copies of the weights,
-    so after training, ``load_state_dict`` or any in-place edit it must be rebuilt. None when not tracked
-    (tensors made under ``torch.inference_mode``)."""
-    try:
-        return tuple(t._version for t in (*model.parameters(), *model.buffers()))
-    except RuntimeError:
-        return None
-
-
-def _check_lengths(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    max_seq_len = model.args.max_seq_len
+def _check_lengths(args, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    max_seq_len = args.max_seq_len
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     for i, p in enumerate(prompt_ids):
@@ -402,15 +262,16 @@ def _check_lengths(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: i
             raise ContextLengthError(
                 f"prompt {i} has {len(p)} tokens and max_new_tokens is {max_new_tokens}: {len(p) + max_new_tokens} "
                 f"positions exceed the model's max_seq_len={max_seq_len}; shorten the prompt or lower max_new_tokens")
-        vocab = model.args.vocab_size
+        vocab = args.vocab_size
         bad = [t for t in p if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
 
-def _token_stream(model, prompt_ids, max_new_tokens, *, temperature, top_k, top_p, seed, eos_ids, compile):
+def _token_stream(model, prompt_ids, max_new_tokens, *, temperature, top_k, top_p, seed, eos_ids):
+    backend = _backend(model)
     prompt_ids = [[int(t) for t in p] for p in prompt_ids]
-    _check_lengths(model, prompt_ids, max_new_tokens)
+    _check_lengths(backend.model.args, prompt_ids, max_new_tokens)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -418,7 +279,7 @@ def _token_stream(model, prompt_ids, max_new_tokens, *, temperature, top_k, top_
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     need = max(len(p) for p in prompt_ids) + max_new_tokens
-    decoder = get_decoder(model, len(prompt_ids), need, compile=compile)
+    decoder = get_decoder(backend, len(prompt_ids), need)
     return decoder.stream(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, eos_ids=eos_ids)
 
@@ -431,11 +292,14 @@ def _eos_set(eos_id) -> tuple[int, ...]:
     return tuple(int(e) for e in eos_id if e >= 0)
 
 
-def generate_tokens(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+def generate_tokens(model: nn.Module | Backend, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | Sequence[int] | None = None, eos_id: int | Iterable[int] | None = None,
-                    compile: bool = False) -> list[list[int]]:
+                    seed: int | Sequence[int] | None = None, eos_id: int | Iterable[int] | None = None
+                    ) -> list[list[int]]:
     """New token ids for each prompt (lists of ids); no tokenizer needed.
+
+    ``model``: a model, decoded eagerly, or its backend (``llamalab.inference.backend.accelerate``), which keeps
+    its Decoders (and compiled steps) from one call to the next.
 
     A row stops at the first token in ``eos_id`` (which is kept as its last token) or after
     ``max_new_tokens``. ``seed`` (an int, or one per prompt) makes sampling reproducible.
@@ -444,7 +308,7 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, ma
     out: list[list[int]] = [[] for _ in prompt_ids]
     ended = [False] * len(prompt_ids)
     for step in _token_stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, eos_ids=eos, compile=compile):
+                              top_p=top_p, seed=seed, eos_ids=eos):
         for i, tok in enumerate(step):
             if not ended[i]:
                 out[i].append(tok)
@@ -497,11 +361,11 @@ class _TextTracker:
         return piece
 
 
-def generate(model: nn.Module, tokenizer, prompts, *, max_new_tokens: int = 256, temperature: float = 0.0,
+def generate(model: nn.Module | Backend, tokenizer, prompts, *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,
-             stop: str | Sequence[str] | None = None, stream: bool = False, compile: bool = False,
-             bos: bool = True):
-    """Generate text continuing ``prompts`` (a str, a list of str, or token-id lists).
+             stop: str | Sequence[str] | None = None, stream: bool = False, bos: bool = True):
+    """Generate text continuing ``prompts`` (a str, a list of str, or token-id lists) with ``model`` or its
+    backend (see ``generate_tokens``).
 
     Returns the new text (a str for a str prompt, else a list), or with ``stream=True`` (one prompt) an
     iterator of new text pieces that join to the same string. Each row stops at the tokenizer's EOS, at the
@@ -521,7 +385,7 @@ def generate(model: nn.Module, tokenizer, prompts, *, max_new_tokens: int = 256,
         raise ValueError("stop strings must be non-empty")
     eos = _eos_set(tokenizer.eos_id)
     steps = _token_stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, eos_ids=eos, compile=compile)
+                          top_p=top_p, seed=seed, eos_ids=eos)
     trackers = [_TextTracker(tokenizer, p, stops) for p in prompt_ids]
     if stream:
         if len(batch) != 1:

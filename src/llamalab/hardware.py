@@ -68,10 +68,16 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
     the hardware's capabilities, never from a timing race; ``LLAMALAB_FAST_BF16=0`` or ``1`` overrides it (to
     test either branch on any machine).
     """
+    return bf16_support(device)[0]
+
+
+def bf16_support(device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """``fast_bf16`` and what it was decided from, for logs: the override, the GPU, or the CPU's bf16 flags."""
     forced = os.environ.get("LLAMALAB_FAST_BF16")
     if forced in ("0", "1"):
-        return forced == "1"
+        return forced == "1", f"LLAMALAB_FAST_BF16={forced}"
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+        return torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(device)
+    found = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
+    return bool(found), ", ".join(found) or f"no {' / '.join(BF16_CPU_FLAGS)} flag"

@@ -44,6 +44,13 @@ def model():
 
 
 @pytest.fixture(scope="session")
+def one_layer():
+    """The same with one layer: the compiled tests' model where the number of layers is not the point (the step's
+    C++, compiled anew for every model, then takes about half as long)."""
+    return build_model(make_tiny_args(n_layers=1), seed=0).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_args():
     """The tiny model's ModelArgs with some fields replaced."""
     return make_tiny_args

@@ -4,34 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_helpers import PROMPTS, copy_model, decode_logits, graphs_compiled
 
-from llamalab.generate import StackedLinear, blocked_argmax, decode_view, generate_tokens, get_decoder
-from llamalab.inference.cache_key import weights_digest
+from llamalab.generate import blocked_argmax, generate_tokens
+from llamalab.inference.backend import accelerate
+from llamalab.inference.backend.cache_key import weights_digest
+from llamalab.inference.backend.row_kernels import inductor_emits_avx2
+from llamalab.inference.backend.stacked import StackedLinear, decode_view
 from llamalab.inference.quantize import Int8Linear, quantize_int8, quantize_per_channel
 from llamalab.model import build_model
 
-PROMPTS = [[1, 17, 40, 3], [1, 200, 201, 202, 203, 204, 205, 206, 207], [1]]
+
+# One compiled backend per dtype for the module, each compiled once per shape (a compile costs 5-30 s here)
+@pytest.fixture(scope="module")
+def bf16_fast(one_layer):
+    return accelerate(copy_model(one_layer, torch.bfloat16), compile=True)
 
 
-def copy_model(model, dtype=torch.float32, device="cpu"):
-    m = build_model(model.args, device=device, init=False).eval()
-    m.load_state_dict(model.state_dict())
-    return m.to(dtype)
-
-
-def decode_logits(model, tokens: torch.Tensor, prefill: int, compile: bool) -> torch.Tensor:
-    """Step logits (batch, steps, vocab) of teacher-forced decoding after a prefill.
-
-    Uses the model's shared Decoder for this shape, so a later ``generate_tokens`` call reuses its compiled step.
-    """
-    decoder = get_decoder(model, tokens.shape[0], tokens.shape[1], compile=compile)
-    out = []
-    with torch.inference_mode():
-        decoder.prefill(tokens[:, :prefill].tolist())
-        for t in range(prefill, tokens.shape[1]):
-            pos = torch.full((tokens.shape[0], 1), t, device=tokens.device)
-            out.append(decoder._step(tokens[:, t:t + 1], pos, decoder.window(t)))
-    return torch.stack(out, 1)
+@pytest.fixture(scope="module")
+def int8_fast(one_layer):
+    return accelerate(quantize_int8(copy_model(one_layer, torch.bfloat16)), compile=True)
 
 
 def test_int8_quantization_round_trip_error_is_bounded():
@@ -86,62 +78,55 @@ def test_blocked_argmax_is_argmax_with_first_index_on_ties(vocab):
 
 def test_compiled_decode_matches_reference_and_never_recompiles(model):
     """Compiled fp32 step: same logits as eager (1e-4) and same greedy tokens; positions advance without recompiling,
-    also when the attention window grows from 64 to 128 slots."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    also when the attention window grows from 64 to 128 slots. (Two layers, whose caches are views of one block.)"""
+    fp32_fast = accelerate(model, compile=True)
     tokens = torch.randint(0, model.args.vocab_size, (3, 100), generator=torch.Generator().manual_seed(1))
-    eager = decode_logits(model, tokens, 4, compile=False)
-    with torch._dynamo.config.patch(error_on_recompile=True):  # any recompile as the position moves fails here
-        compiled = decode_logits(model, tokens, 4, compile=True)
+    eager = decode_logits(model, tokens, 4)
+    with graphs_compiled() as graphs:
+        compiled = decode_logits(fp32_fast, tokens, 4)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert frames == 1  # one graph for 96 positions
+    assert graphs == [1]  # one graph for 96 positions
 
     reference = generate_tokens(model, PROMPTS, max_new_tokens=100)
+    with graphs_compiled() as graphs:
+        assert generate_tokens(fp32_fast, PROMPTS, max_new_tokens=100) == reference
+    assert graphs == [1]  # one greedy graph for 100 positions
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert generate_tokens(model, PROMPTS, max_new_tokens=100, compile=True) == reference
         # the same shape again (new prompts, other lengths) reuses the compiled step
-        assert generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=110, compile=True) == \
+        assert generate_tokens(fp32_fast, [[1, 5], [1, 6, 7], [1]], max_new_tokens=110) == \
             generate_tokens(model, [[1, 5], [1, 6, 7], [1]], max_new_tokens=110)
 
 
-def test_compiled_step_follows_in_place_weight_changes(tiny_args):
-    """The compiled step freezes the weights; changing them in place (training, load_state_dict) rebuilds it."""
-    model = build_model(tiny_args(), seed=2).eval()
-    prompts = [[1, 17, 40, 3]]
-    before = generate_tokens(model, prompts, max_new_tokens=12, compile=True)
-    assert before == generate_tokens(model, prompts, max_new_tokens=12)
-    with torch.no_grad():
-        model.load_state_dict(build_model(tiny_args(), seed=3).state_dict())
-    after = generate_tokens(model, prompts, max_new_tokens=12)
-    assert after != before
-    assert generate_tokens(model, prompts, max_new_tokens=12, compile=True) == after
-
-
-def test_compiled_steps_of_two_models_stay_apart(model):
+def test_compiled_steps_keep_their_own_weights_and_follow_in_place_changes(one_layer):
     """Warm steps skip dynamo's full guard check; a second model of the same shape must still get its own step
-    (its own frozen weights), and the first model its own afterwards."""
-    other = build_model(model.args, seed=1).eval()
-    prompts = [[1, 17, 40, 3]]
-    expected = [generate_tokens(m, prompts, max_new_tokens=12) for m in (model, other)]
+    (its own frozen weights), and the first model its own afterwards. The compiled step freezes the weights;
+    changing them in place (training, load_state_dict) rebuilds it."""
+    other = build_model(one_layer.args, seed=1).eval()
+    backends = [accelerate(m, compile=True) for m in (one_layer, other)]
+    prompts = PROMPTS  # three rows, as in the other compiled tests: inductor autotunes each product shape once
+    expected = [generate_tokens(m, prompts, max_new_tokens=12) for m in (one_layer, other)]
     assert expected[0] != expected[1]
     for _ in range(2):
-        assert [generate_tokens(m, prompts, max_new_tokens=12, compile=True) for m in (model, other)] == expected
+        assert [generate_tokens(b, prompts, max_new_tokens=12) for b in backends] == expected
+
+    with torch.no_grad():
+        other.load_state_dict(build_model(one_layer.args, seed=3).state_dict())
+    after = generate_tokens(other, prompts, max_new_tokens=12)
+    assert after != expected[1]
+    assert generate_tokens(backends[1], prompts, max_new_tokens=12) == after
 
 
 @pytest.mark.slow
-def test_compiled_bf16_models_of_one_shape_keep_their_own_weights(tiny_args):
+def test_compiled_bf16_models_of_one_shape_keep_their_own_weights(one_layer, bf16_fast):
     """Inductor's FX graph cache keys a frozen graph on the weights' shapes, and serves its packed copies of the
     weights from the cache entry: the second bf16 model of a shape, compiled after the first has filled the
     entry, must still decode with its own weights (it decoded with the first one's before the weights' digest
     joined the key)."""
-    tokens = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(3))
-    for seed in (4, 5):
-        bf16 = build_model(tiny_args(n_layers=1), seed=seed).eval().to(torch.bfloat16)
-        ref = decode_logits(bf16, tokens, 4, compile=False)
-        assert (decode_logits(bf16, tokens, 4, compile=True) - ref).abs().max() <= 0.03 * ref.std()
+    tokens = torch.randint(0, one_layer.args.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    second = accelerate(build_model(one_layer.args, seed=5).eval().to(torch.bfloat16), compile=True)
+    for fast in (bf16_fast, second):
+        ref = decode_logits(fast.model, tokens, 4)
+        assert (decode_logits(fast, tokens, 4) - ref).abs().max() <= 0.03 * ref.std()
 
 
 def test_weights_digest_covers_values_buffers_and_dtype(tiny_args):
@@ -160,19 +145,27 @@ def test_weights_digest_covers_values_buffers_and_dtype(tiny_args):
 
 
 @pytest.mark.slow
-def test_compiled_bf16_and_int8_paths(model):
+def test_compiled_bf16_and_int8_paths(one_layer, bf16_fast, int8_fast):
     """bf16 weights: logits within bf16 tolerance of fp32; int8 (bf16 activations): within the int8 bound."""
-    tokens = torch.randint(0, model.args.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
-    ref = decode_logits(model, tokens, 4, compile=False)
+    tokens = torch.randint(0, one_layer.args.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    ref = decode_logits(one_layer, tokens, 4)
     spread = ref.std()
-    bf16 = decode_logits(copy_model(model, torch.bfloat16), tokens, 4, compile=True)
-    assert (bf16 - ref).abs().max() <= 0.03 * spread
-    fast = quantize_int8(copy_model(model, torch.bfloat16))
-    int8 = decode_logits(fast, tokens, 4, compile=True)
-    assert (int8 - ref).abs().max() <= 0.08 * spread
+    assert (decode_logits(bf16_fast, tokens, 4) - ref).abs().max() <= 0.03 * spread
+    assert (decode_logits(int8_fast, tokens, 4) - ref).abs().max() <= 0.08 * spread
     # batched on the fast path equals each prompt alone on the reference (eager) path of the same weights
-    batched = generate_tokens(fast, PROMPTS, max_new_tokens=16, compile=True)
-    assert batched == [generate_tokens(fast, [p], max_new_tokens=16)[0] for p in PROMPTS]
+    batched = generate_tokens(int8_fast, PROMPTS, max_new_tokens=16)
+    assert batched == [generate_tokens(int8_fast.model, [p], max_new_tokens=16)[0] for p in PROMPTS]
+
+
+@pytest.mark.skipif(inductor_emits_avx2(), reason="inductor emits AVX2 code here: the row kernels apply "
+                                                  "(test_row_kernels.py)")
+def test_row_kernels_step_aside_where_inductor_emits_avx512(int8_fast):
+    """The row kernels are AVX2 code: on an AVX-512 CPU the backend says they are off, leaves inductor's own
+    micro-kernels in place, and the compiled decode still gives the eager tokens."""
+    assert not int8_fast.row_kernels
+    assert "row kernels off (written for AVX2; inductor emits avx512" in int8_fast.describe()
+    assert generate_tokens(int8_fast, PROMPTS, max_new_tokens=16) == \
+        generate_tokens(int8_fast.model, PROMPTS, max_new_tokens=16)
 
 
 def test_int8_generation_close_to_fp32(tiny_args):
@@ -205,70 +198,31 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def test_cuda_graph_decode_matches_cpu_reference_and_never_recompiles(model):
     """On a GPU the compiled step is replayed as a CUDA graph: fp32 logits and greedy tokens equal the CPU eager
     reference, positions advance without recompiling, and inductor did not fall back from CUDA graphs."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    gpu = copy_model(model, device="cuda")
+    counters = torch._dynamo.utils.counters
+    skips = counters["inductor"]["cudagraph_skips"]
+    gpu = accelerate(copy_model(model, device="cuda"), compile=True)
+    assert gpu.describe().startswith("cuda backend: ")
     tokens = torch.randint(0, model.args.vocab_size, (3, 100), generator=torch.Generator().manual_seed(1))
-    eager = decode_logits(model, tokens, 4, compile=False)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = decode_logits(gpu, tokens.cuda(), 4, compile=True)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for 96 positions
-        assert generate_tokens(gpu, PROMPTS, max_new_tokens=100, compile=True) == \
-            generate_tokens(model, PROMPTS, max_new_tokens=100)
+    eager = decode_logits(model, tokens, 4)
+    with graphs_compiled() as graphs:
+        compiled = decode_logits(gpu, tokens.cuda(), 4)
+    assert graphs == [1]  # one graph for 96 positions
+    with graphs_compiled() as graphs:
+        assert generate_tokens(gpu, PROMPTS, max_new_tokens=100) == generate_tokens(model, PROMPTS, max_new_tokens=100)
+    assert graphs == [1]
     torch.testing.assert_close(compiled.cpu(), eager, rtol=0, atol=1e-4)
-    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # graphs were really replayed
+    assert counters["inductor"]["cudagraph_skips"] == skips  # graphs were really replayed
 
 
 @requires_cuda
 def test_cuda_graph_bf16_and_int8_paths(model):
     """The bf16 and int8 models on the GPU: logits within the CPU tests' bounds, batched equals per-prompt."""
     tokens = torch.randint(0, model.args.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
-    ref = decode_logits(model, tokens, 4, compile=False)
+    ref = decode_logits(model, tokens, 4)
     spread = ref.std()
-    bf16 = copy_model(model, torch.bfloat16, device="cuda")
-    assert (decode_logits(bf16, tokens.cuda(), 4, compile=True).cpu() - ref).abs().max() <= 0.03 * spread
-    fast = quantize_int8(copy_model(model, torch.bfloat16, device="cuda"))
-    assert (decode_logits(fast, tokens.cuda(), 4, compile=True).cpu() - ref).abs().max() <= 0.08 * spread
-    batched = generate_tokens(fast, PROMPTS, max_new_tokens=16, compile=True)
-    assert batched == [generate_tokens(fast, [p], max_new_tokens=16)[0] for p in PROMPTS]
-
-
-def _inductor_picks_avx2() -> bool:
-    from torch._inductor.cpu_vec_isa import VecAVX2, pick_vec_isa
-
-    return type(pick_vec_isa()) is VecAVX2
-
-
-@pytest.mark.skipif(not _inductor_picks_avx2(), reason="the row kernels are for AVX2 (not AVX-512) builds")
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
-@pytest.mark.parametrize("rows,out_features,in_features", [(1, 1024, 288), (1, 96, 176), (3, 1024, 288),
-                                                           (8, 160, 176), (8, 96, 176), (7, 96, 176), (32, 864, 288)])
-def test_row_kernels_are_chosen_and_exact(weights, rows, out_features, in_features):
-    """Inductor takes the one-row kernel for one row; for more rows of bf16 weights the 4x24 block where 24
-    divides N and the two-row one (with a one-row tail) otherwise, the stock kernel for int8; the product
-    equals fp32 math rounded to bf16 (relative 2^-7)."""
-    import torch._inductor.config as inductor_config
-    from torch._inductor.utils import fresh_cache, run_and_get_code
-
-    from llamalab.inference.row_gemm import row_kernels
-
-    gen = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(out_features, in_features, generator=gen))
-    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
-    layer = Int8Linear.from_linear(lin) if weights == "int8" else lin
-    settings = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP")
-    with fresh_cache(), row_kernels() as offered, inductor_config.patch(settings), torch.no_grad():
-        assert offered
-        y, (code, *_) = run_and_get_code(torch.compile(layer, dynamic=False), x)
-    assert ("_rows<1, " in code) == (rows == 1 or weights == "bf16")  # a block's last rows are its tail cases
-    block = None if rows == 1 or weights == "int8" else "4, 24" if out_features % 24 == 0 else "2, 32"
-    assert [b for b in ("4, 24", "2, 32") if f"_rows<{b}, accum>" in code] == ([block] if block else [])
-    if weights == "int8":
-        ref = (x.float() @ layer.weight.float().T) * layer.scales.float()
-    else:
-        ref = x.float() @ lin.weight.float().T
-    torch.testing.assert_close(y.float(), ref.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-5)
+    bf16 = accelerate(copy_model(model, torch.bfloat16, device="cuda"), compile=True)
+    assert (decode_logits(bf16, tokens.cuda(), 4).cpu() - ref).abs().max() <= 0.03 * spread
+    fast = accelerate(quantize_int8(copy_model(model, torch.bfloat16, device="cuda")), compile=True)
+    assert (decode_logits(fast, tokens.cuda(), 4).cpu() - ref).abs().max() <= 0.08 * spread
+    batched = generate_tokens(fast, PROMPTS, max_new_tokens=16)
+    assert batched == [generate_tokens(fast.model, [p], max_new_tokens=16)[0] for p in PROMPTS]

@@ -1,4 +1,5 @@
-"""bf16 and int8-weight products rerouted to fp32 (for CPUs without native bf16): same numbers, used by the prefill."""
+"""bf16 and int8-weight products rerouted to fp32 (for CPUs without native bf16): same numbers, used by the prefill
+and, applied by the eval command, by scoring."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from llamalab.generate import Decoder
-from llamalab.inference import fp32_products as fp
+from llamalab.inference.backend import Backend
+from llamalab.inference.backend import fp32_products as fp
 from llamalab.inference.quantize import Int8Linear, quantize_int8, quantize_per_channel
 from llamalab.model import build_model
 
@@ -105,7 +107,8 @@ def test_prefill_multiplies_in_fp32_where_bf16_is_slow(tiny_args, calls, monkeyp
     torch.testing.assert_close(results[True], results[False], rtol=0, atol=tolerance)
 
 
-def test_scorer_multiplies_in_fp32_where_bf16_is_slow(tiny_args, calls, monkeypatch):
+def test_scorer_multiplies_in_fp32_under_the_backends_products_where_bf16_is_slow(tiny_args, calls, monkeypatch):
+    """The eval command scores under its backend's product mode (``llamalab.commands.eval``)."""
     from llamalab.eval.harness import Scorer, TokenRequest
 
     model = build_model(tiny_args(vocab_size=256), seed=5).eval().to(torch.bfloat16)
@@ -116,7 +119,8 @@ def test_scorer_multiplies_in_fp32_where_bf16_is_slow(tiny_args, calls, monkeypa
     for slow in (False, True):
         monkeypatch.setattr(fp, "slow_bf16_cpu", lambda slow=slow: slow)
         calls.clear()
-        scores[slow] = Scorer(model, batch_size=8, progress=False).score(requests)
+        with Backend(model).products():
+            scores[slow] = Scorer(model, batch_size=8, progress=False).score(requests)
         assert (len(calls) > 0) == slow
     for (ll_stock, greedy_stock), (ll_fp32, greedy_fp32) in zip(scores[False], scores[True]):
         assert abs(ll_fp32 - ll_stock) < 0.05 * max(1.0, abs(ll_stock))

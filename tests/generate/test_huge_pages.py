@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_helpers import PROMPTS
 
 from llamalab.generate import Decoder, generate_tokens
-from llamalab.inference.huge_pages import HUGE_PAGE, back_with_huge_pages
+from llamalab.inference.backend import accelerate
+from llamalab.inference.backend.huge_pages import HUGE_PAGE, back_with_huge_pages
 from llamalab.model import build_model
 
 
@@ -62,11 +64,11 @@ def test_back_with_huge_pages_keeps_values_and_maps_huge_pages():
 def test_compiled_step_weights_move_to_huge_pages(tiny_args):
     """A 32000-word vocabulary makes the output layer 8 MiB: compiling the step puts its frozen copy on huge
     pages, and decoding gives the eager tokens."""
-    model = build_model(tiny_args(vocab_size=32000), seed=4).eval()
-    prompts = [[1, 17, 40, 3]]
+    model = build_model(tiny_args(vocab_size=32000, n_layers=1), seed=4).eval()
+    prompts = PROMPTS  # three rows, as in the other compiled tests: inductor autotunes each product shape once
     reference = generate_tokens(model, prompts, max_new_tokens=8)
     before = _process_huge_bytes()
-    assert generate_tokens(model, prompts, max_new_tokens=8, compile=True) == reference
+    assert generate_tokens(accelerate(model, compile=True), prompts, max_new_tokens=8) == reference
     assert _process_huge_bytes() - before >= 3 * HUGE_PAGE  # output layer (packed) and more
 
 

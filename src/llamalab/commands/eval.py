@@ -60,11 +60,14 @@ def main(argv: list[str]) -> int:
     if pre.tokenizer is None:
         raise UserError(f"{args.checkpoint}: no tokenizer.model; eval needs one to turn the text into tokens")
     evaluator = Evaluator(pre.model, pre.tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
+    # its product mode: bf16 weights multiplied in fp32 on a CPU without native bf16 (4.7x faster for `small`)
+    backend = pre.accelerate()
 
     if args.perplexity:
         from llamalab.eval.perplexity import perplexity_file
 
-        report = perplexity_file(evaluator, args.perplexity, context=args.context, stride=args.stride)
+        with backend.products():
+            report = perplexity_file(evaluator, args.perplexity, context=args.context, stride=args.stride)
         print(f"{report['file']}: {report['tokens']} tokens, {report['bytes']} bytes, context {report['context']}, "
               f"stride {report['stride']}")
         print(f"nats/token {report['nats_per_token']:.4f}  perplexity {report['perplexity']:.3f}  "
@@ -74,7 +77,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     start = time.perf_counter()
-    out = evaluate_tasks(evaluator, tasks, args.data_dir, args.limit)
+    with backend.products():
+        out = evaluate_tasks(evaluator, tasks, args.data_dir, args.limit)
     seconds = time.perf_counter() - start
     preset = matching_preset(pre.args)
     print(markdown_table(out["results"], args.scoring, preset))

@@ -45,6 +45,7 @@ def main(argv: list[str]) -> int:
         from llamalab.inference.quantize import quantize_int8
 
         quantize_int8(pretrained.model)
+    pretrained.accelerate(compile=args.compile)  # now: a compiling backend checks the torch internals it needs
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop, compile=args.compile)
 

@@ -46,6 +46,8 @@ class LlamalabLM(LM):
             batch = 32
         self.evaluator = Evaluator(self.pretrained.model, self.pretrained.tokenizer, batch_size=batch,
                                    max_length=int(max_length) if max_length else None)
+        # keeps the generation Decoders; its product mode multiplies bf16 weights in fp32 where bf16 is emulated
+        self.backend = self.pretrained.accelerate()
         self.max_gen_toks = int(max_gen_toks)
 
     @property
@@ -54,12 +56,14 @@ class LlamalabLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         self.evaluator.scorer.progress = not disable_tqdm
-        return self.evaluator.loglikelihood([req.args for req in requests], desc="loglikelihood")
+        with self.backend.products():
+            return self.evaluator.loglikelihood([req.args for req in requests], desc="loglikelihood")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         self.evaluator.scorer.progress = not disable_tqdm
         # score_bos: the same number as lm-eval's hf backend on the Hugging Face export (it scores BOS too)
-        scores = self.evaluator.loglikelihood_rolling([req.args[0] for req in requests], score_bos=True)
+        with self.backend.products():
+            scores = self.evaluator.loglikelihood_rolling([req.args[0] for req in requests], score_bos=True)
         return [ll for ll, _ in scores]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -69,7 +73,6 @@ class LlamalabLM(LM):
         from ..generate import generate
 
         tok = self.pretrained.tokenizer
-        model = self.pretrained.model
         out = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
             context, kwargs = req.args
@@ -80,7 +83,7 @@ class LlamalabLM(LM):
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
             room = max(1, self.evaluator.scorer.max_length - max_new)
             ids = tok.encode(context, bos=True)[-room:]
-            text = generate(model, tok, [ids], max_new_tokens=max_new, temperature=temperature,
+            text = generate(self.backend, tok, [ids], max_new_tokens=max_new, temperature=temperature,
                             top_k=kwargs.pop("top_k", None), top_p=kwargs.pop("top_p", None),
                             seed=kwargs.pop("seed", None), stop=[s for s in until if s])[0]
             # lm-eval's hf backend decodes the new tokens on their own, which drops SentencePiece's leading space

@@ -73,11 +73,13 @@ def fused_kernel_fits(weight: torch.Tensor, flat: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` by an ``Int8Linear``, in place; returns the model."""
+    """Replace every ``nn.Linear`` in ``model`` by an ``Int8Linear``, in place; returns the model.
+
+    A backend built for the model before (``llamalab.inference.backend``) sees the new tensors and rebuilds its
+    Decoders."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
             setattr(model, name, Int8Linear.from_linear(child))
         else:
             quantize_int8(child)
-    model.__dict__.pop("_llamalab_decoders", None)  # decoders compiled for the float weights are stale
     return model

@@ -1,5 +1,4 @@
-"""Transparent huge pages (2 MiB) under the weights a compiled CPU decode step streams (and under the key/value
-cache, ``llamalab.generate.kv_caches``).
+"""Transparent huge pages (2 MiB) under the weights a compiled CPU decode step streams and under the key/value cache.
 
 Decoding one token reads every weight once, so on a CPU it runs at the memory's read speed, and with 4 KiB
 pages part of that speed goes to page walks. Measured on the 2-core machine of docs/generate.md, two threads
@@ -7,29 +6,45 @@ reading 440 MB: ``torch.sum`` 21-22 GB/s on 4 KiB pages, 23-24 GB/s on 2 MiB pag
 over inductor's packed layout 18-20 vs 22-24 GB/s.
 
 Linux backs anonymous memory with huge pages only where a program asks, under the usual ``madvise`` setting of
-``/sys/kernel/mm/transparent_hugepage/enabled``. ``huge_pages_for_new_graphs`` asks for the constants (the
-frozen, packed weights) of the graphs inductor compiles inside it: ``madvise(MADV_HUGEPAGE)`` marks the
-range, and ``MADV_COLLAPSE`` (Linux 6.1+) moves it into huge pages at once, copying each 2 MiB once. Only the
-whole 2 MiB pages inside a tensor's storage are touched, so nothing else in the process changes. Where the
-system offers no huge pages (another OS, an old kernel, the setting ``never``) nothing happens.
+``/sys/kernel/mm/transparent_hugepage/enabled``. ``back_with_huge_pages`` asks for a tensor's storage:
+``madvise(MADV_HUGEPAGE)`` marks the range, and ``MADV_COLLAPSE`` (Linux 6.1+) moves it into huge pages at once,
+copying each 2 MiB once. Only the whole 2 MiB pages inside a storage are touched, so nothing else in the process
+changes. Where the system offers no huge pages (another OS, an old kernel, the setting ``never``) nothing happens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import mmap
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
+from .torch_internals import internals
+
 HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_MADV_COLLAPSE = 25
+# Python's mmap names MADV_HUGEPAGE; MADV_COLLAPSE (Linux 6.1) it does not, so here is the kernel's own value
+# (include/uapi/asm-generic/mman-common.h)
+MADV_COLLAPSE = getattr(mmap, "MADV_COLLAPSE", 25)
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
+def huge_pages_setting() -> str | None:
+    """The kernel's transparent huge page mode (``always``, ``madvise``), or None where none are offered."""
+    if _madvise() is None or not THP_SETTING.exists():
+        return None
+    mode = THP_SETTING.read_text().split("[", 1)[-1].split("]", 1)[0]
+    return None if mode == "never" else mode
+
+
+@functools.cache
 def _madvise():
-    if not sys.platform.startswith("linux"):
+    """libc's ``madvise`` for raw addresses (torch storages are no ``mmap`` objects, whose ``madvise`` is public)."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -61,8 +76,8 @@ def back_with_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
         seen.add(start)
         first = -(-start // HUGE_PAGE) * HUGE_PAGE
         end = (start + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
-        if end > first and madvise(first, end - first, _MADV_HUGEPAGE) == 0 \
-                and madvise(first, end - first, _MADV_COLLAPSE) == 0:
+        if end > first and madvise(first, end - first, mmap.MADV_HUGEPAGE) == 0 \
+                and madvise(first, end - first, MADV_COLLAPSE) == 0:
             moved += end - first
     return moved
 
@@ -72,16 +87,10 @@ def huge_pages_for_new_graphs():
     """Back the constants of the graphs inductor compiles (or loads from its cache) in this block with huge pages.
 
     Inductor keeps a compiled graph's constants as globals of the Python module it generates, and lists those
-    modules in ``PyCodeCache.modules``, which is internal: if that moves, this does nothing.
+    modules in ``PyCodeCache.modules``.
     """
-    try:
-        from torch._inductor.codecache import PyCodeCache
-
-        modules = PyCodeCache.modules
-        before = len(modules)
-    except (ImportError, AttributeError):
-        yield
-        return
+    modules = internals().PyCodeCache.modules
+    before = len(modules)
     yield
     back_with_huge_pages(value for module in modules[before:] for value in vars(module).values()
                          if isinstance(value, torch.Tensor))

@@ -10,9 +10,9 @@ products in fp32 (``linear_fp32``): the weight is converted a block of ``BLOCK_R
 reused buffer that stays in cache, and multiplied there. Every product of two bf16 values is exact in fp32, and
 a bf16 product sums in fp32 as well, so the results differ from the bf16 path only in the order of the sums
 (and, for int8 weights, in applying the per-channel scale in fp32). It pays from a few rows on (``MIN_ROWS``):
-below that the stock kernels read the weights once and are as fast or faster. Generation uses it for the
-prefill (``Decoder.prefill``; single-token steps keep the stock kernels), and the evaluation harness for every
-batch it scores (``llamalab.eval.harness.Scorer``).
+below that the stock kernels read the weights once and are as fast or faster. The backend applies it to the
+prefill (``Backend.products``, from ``Decoder.prefill``; single-token steps keep the stock kernels), and the
+eval command and lm-eval model around the batches they score.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import functools
 import torch
 from torch import nn
 
-from ..hardware import fast_bf16
-from .quantize import Int8Linear, fused_kernel_fits
+from ...hardware import fast_bf16
+from ..quantize import Int8Linear, fused_kernel_fits
 
 BLOCK_ROWS = 512  # weight rows converted per block: 1.5 MiB of fp32 at 768 columns
 # Fewest input rows for which the fp32 route was faster (2 threads; small's shapes, measured per product):

@@ -17,24 +17,25 @@ own accumulator, so ``ROWS * BLOCK_N / 8`` independent FMA chains run; each load
   scales stay the template's epilogue.
 Products are summed in fp32 in k order, as the stock kernels do.
 
-They are offered to inductor only while a decode step compiles (``row_kernels``), on an AVX2 (not AVX-512)
-build, for bf16 activations and whole blocks: one-row blocks (``ONE_ROW_BLOCKS``) for one row, and blocks of
+They are offered to inductor only while a decode step compiles (``row_kernels``), where inductor emits AVX2 code
+(not AVX-512: there the backend leaves inductor's own micro-kernels, AMX ones among them, in place), for bf16
+activations and whole blocks: one-row blocks (``ONE_ROW_BLOCKS``) for one row, and blocks of
 bf16 weights for several rows (``MULTI_ROW_BLOCKS``) for batched decoding. They are listed ahead of inductor's
 stock blocks, whose ranking keeps the first of equals: one-row blocks win by dividing ``m = 1``, the 4×24 block
 ties the stock 4×24 one, and the 2×32 block wins where 24 does not divide the width (the 32000-wide output
-layer). The registry they join (``cpp_micro_gemm.micro_gemm_configs``) is inductor's own, not a public API:
-when it is missing, compiling falls back to the stock kernels.
+layer). The registry they join (``cpp_micro_gemm.micro_gemm_configs``) is inductor's own, not a public API
+(``torch_internals`` checks it is there).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 
 import torch
 
 from .cache_key import cache_key_pass
+from .torch_internals import internals
 
 KERNEL = r"""
 inline __m256 {{kernel_name}}_broadcast(uint16_t bf16) {  // one bf16 as fp32 in all 8 lanes
@@ -132,18 +133,29 @@ inline void {{kernel_name}}_rows(
 """
 
 
-def _micro_gemm_class():
-    from torch._inductor.codegen.common import KernelTemplate
-    from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemm
+def inductor_emits_avx2() -> bool:
+    """Whether inductor generates AVX2 code here, the ISA the kernels are written for (``ATEN_CPU_CAPABILITY=avx2``
+    makes it do so on an AVX-512 CPU)."""
+    private = internals()
+    return type(private.pick_vec_isa()) is private.VecAVX2
 
-    class RowBlocksAVX2(CppMicroGemm):
+
+def inductor_isa() -> str:
+    """The instruction sets inductor generates CPU code for here, e.g. ``avx2`` or ``avx512 avx512_vnni amx_tile``."""
+    return str(internals().pick_vec_isa())
+
+
+def _micro_gemm_class():
+    private = internals()
+
+    class RowBlocksAVX2(private.CppMicroGemm):
         def codegen_define(self, kernel) -> str:
             int8_weights = self.input2_dtype == torch.int8
             options = {"declare_kernel": self.get_kernel_declaration(), "block_m": self.register_blocking.block_m,
                        "block_n": self.register_blocking.block_n,
                        "int8_weights": int8_weights, "weight_t": "int8_t" if int8_weights else "uint16_t",
                        **self.get_common_options()}
-            return KernelTemplate._template_from_string(KERNEL).render(options)
+            return private.render_template(KERNEL).render(options)
 
     return RowBlocksAVX2
 
@@ -161,40 +173,30 @@ def _cache_key_pass():
 
 
 def _whole_blocks_on_avx2(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
-    from torch._inductor.cpu_vec_isa import VecAVX2
-
     # whole blocks only: a weight the template did not pad (a batched product's) is never read past its end
     one_row = config.register_blocking.block_m == 1
     return ((m == 1) == one_row and n % config.register_blocking.block_n == 0 and alpha == 1
-            and not kwargs.get("dynamic_M") and type(kwargs.get("vec_isa")) is VecAVX2)
+            and not kwargs.get("dynamic_M") and type(kwargs.get("vec_isa")) is internals().VecAVX2)
 
 
 @contextlib.contextmanager
 def row_kernels():
     """Offer the bf16 and int8 micro-kernels (one row; several rows for bf16 weights) to inductor's CPU GEMM
     template inside this block."""
+    private = internals()
+    cls = _micro_gemm_class()
+    configs = [config for weights in (torch.bfloat16, torch.int8)
+               for config in private.generate_gemm_config(
+                   private.VecAVX2, ONE_ROW_BLOCKS + MULTI_ROW_BLOCKS.get(weights, []), input_dtype=torch.bfloat16,
+                   input2_dtype=weights, output_dtype=torch.float, compute_dtype=torch.float,
+                   extra_check=_whole_blocks_on_avx2)]
+    registry = private.micro_gemm_configs
+    stock = dict(registry)
+    registry.clear()  # ours first: inductor keeps the first of equally ranked blocks
+    registry.update({cls: configs, **stock})
     try:
-        importlib.import_module("torch._inductor.compile_fx")  # inductor's own import order; codegen alone is circular
-        import torch._inductor.config as inductor_config
-        from torch._inductor.codegen import cpp_micro_gemm as registry
-        from torch._inductor.cpu_vec_isa import VecAVX2
-
-        cls = _micro_gemm_class()
-        configs = [config for weights in (torch.bfloat16, torch.int8)
-                   for config in registry.generate_gemm_config(
-                       VecAVX2, ONE_ROW_BLOCKS + MULTI_ROW_BLOCKS.get(weights, []), input_dtype=torch.bfloat16,
-                       input2_dtype=weights, output_dtype=torch.float, compute_dtype=torch.float,
-                       extra_check=_whole_blocks_on_avx2)]
-        cache_key = inductor_config.patch(post_grad_custom_post_pass=_cache_key_pass())
-    except (ImportError, AttributeError, TypeError):  # inductor's internals moved: keep the stock kernel
-        yield False
-        return
-    stock = dict(registry.micro_gemm_configs)
-    registry.micro_gemm_configs.clear()  # ours first: inductor keeps the first of equally ranked blocks
-    registry.micro_gemm_configs.update({cls: configs, **stock})
-    try:
-        with cache_key:
-            yield True
+        with private.inductor_config.patch(post_grad_custom_post_pass=_cache_key_pass()):
+            yield
     finally:
-        registry.micro_gemm_configs.clear()
-        registry.micro_gemm_configs.update(stock)
+        registry.clear()
+        registry.update(stock)

@@ -2,7 +2,7 @@
 
 Inductor keeps compiled graphs in a cache (in memory and on disk, shared by later processes) under a key made of
 the graph's code, its inputs' shapes and the compile settings. It does not see the micro-kernel registry
-(``row_gemm``), and a step compiled with freezing, which folds the weights in as constants, is keyed on those
+(``row_kernels``), and a step compiled with freezing, which folds the weights in as constants, is keyed on those
 weights' shapes and dtypes only. On a hit inductor reloads the frozen weights from the model at hand, but takes
 every constant it derived from them at compile time (the CPU GEMM template's packed copies of the weights) from
 the cache entry. A second model of the same shape, in the same process or a later one, then decoded with the
@@ -22,12 +22,13 @@ import hashlib
 import torch
 from torch import nn
 
+from .torch_internals import internals
+
 
 def cache_key_pass(uuid: str):
     """A post-grad pass that leaves the graph alone and adds ``uuid`` to inductor's FX graph cache key."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    class CacheKey(CustomGraphPass):
+    class CacheKey(internals().CustomGraphPass):
         def __call__(self, graph) -> None:
             pass
 
