@@ -23,6 +23,7 @@ COMMANDS = {
     "data": "prepare training data: clean, deduplicate, tokenize and shard a source mixture",
     "tokenizer": "train or inspect a SentencePiece BPE tokenizer with LLaMA's settings",
     "train": "pretrain a model from a TOML config (torchrun for several processes)",
+    "finetune": "instruction-tune a checkpoint, fully or with LoRA; `finetune merge` folds an adapter in",
     "plan": "estimate per-GPU memory of a training config for a parallel layout",
     "eval": "zero-shot common-sense benchmarks and perplexity",
     "generate": "generate text from a checkpoint (one-shot or interactive)",

@@ -147,6 +147,47 @@ class ParallelConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``llamalab finetune``: supervised instruction tuning of the native checkpoint ``base`` (docs/finetune.md).
+
+    The model's shape and tokenizer come from ``base``; ``[model]`` stays unset. ``data.seq_len`` (0 = the
+    base's ``max_seq_len``) bounds an example: longer ones are truncated or dropped (``overlong``).
+    """
+
+    base: str = ""  # a native checkpoint folder (required)
+    method: Literal["full", "lora"] = "lora"
+    data: str = ""  # instruction data: a JSON array or JSONL file (required)
+    format: Literal["alpaca", "chat"] = "alpaca"  # instruction/input/output records, or OpenAI-style messages
+    template: Literal["default", "alpaca", "plain", "llama2-chat"] = "default"  # default: the format's own
+    train_on_prompt: bool = False  # also take the loss on prompt tokens (default: the response's only)
+    validation_fraction: float = 0.05  # examples held out (by a hash of each record) for the validation loss
+    overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = False  # fill each training row with as many whole examples as fit (no cross-example mask)
+    strict: bool = False  # stop at the first bad record instead of counting and skipping it
+    merge: bool = True  # LoRA: also write out_dir/final, a native model with the adapters folded in
+
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # Meta's names of the adaptable matrices
+
+
+@dataclass
+class LoraConfig:
+    """LoRA (Hu et al., 2021) for ``finetune.method = "lora"``: ``W x + scale * B A x`` with A (rank x in),
+    B (out x rank); scale = alpha / rank, or alpha / sqrt(rank) with ``rslora`` (Kalajdzievski, 2023)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list | str = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])  # or "wq,wv"
+    rslora: bool = False
+    base_dtype: Literal["fp32", "bf16"] = "fp32"  # the frozen weights' storage; the adapters stay fp32
+
+    def targets(self) -> list[str]:
+        names = self.target_modules
+        return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +202,8 @@ class Config:
     compile: CompileConfig = field(default_factory=CompileConfig)
     activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         """Nested plain dict in the TOML layout (model overrides flattened next to ``preset``)."""
@@ -197,7 +240,7 @@ def _describe(tp) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a table", type(None): "unset"}.get(tp, str(tp))
+            dict: "a table", list: "a list", type(None): "unset"}.get(tp, str(tp))
 
 
 def _coerce(key: str, value, tp):
@@ -276,6 +319,7 @@ def validate(cfg: Config, where: str = "") -> None:
                 ("checkpoint.keep", cfg.checkpoint.keep), ("run.max_bad_steps", cfg.run.max_bad_steps)]
     positive += [(f"parallel.{k}", getattr(cfg.parallel, k))
                  for k in ("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches")]
+    positive += [("lora.rank", cfg.lora.rank), ("lora.alpha", cfg.lora.alpha)]
     for key, value in positive:
         if not value > 0:
             raise ConfigError(f"{where}{key}: must be positive, got {value!r}")
@@ -295,6 +339,14 @@ def validate(cfg: Config, where: str = "") -> None:
             raise ConfigError(f"{where}optimizer.{key}: must be in [0, 1), got {getattr(cfg.optimizer, key)}")
     if not (cfg.length.steps or cfg.length.tokens or cfg.length.max_minutes):
         raise ConfigError(f"{where}length: set steps, tokens or max_minutes")
+    for key, value in (("finetune.validation_fraction", cfg.finetune.validation_fraction),
+                       ("lora.dropout", cfg.lora.dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{where}{key}: must be in [0, 1), got {value}")
+    targets = cfg.lora.targets()
+    if not targets or any(t not in LORA_TARGETS for t in targets):
+        raise ConfigError(f"{where}lora.target_modules: expected some of {', '.join(LORA_TARGETS)} (Meta's names), "
+                          f"got {cfg.lora.target_modules!r}")
     if cfg.run.device not in ("auto", "cpu", "cuda") and not cfg.run.device.startswith("cuda:"):
         raise ConfigError(f"{where}run.device: expected 'auto', 'cpu' or 'cuda', got {cfg.run.device!r}")
     cfg.model_args()  # the model section must build (vocab_size may still come from the tokenizer)

@@ -24,6 +24,16 @@ from .parallelize import loss_parallel_context, parallelize_model
 from .pipeline import Pipeline, build_pipeline
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+IGNORE_INDEX = -100  # F.cross_entropy's default: a target that takes no loss (a prompt token, padding)
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets): a (B, T+1) token tensor is shifted by one; an (inputs, targets) pair, whose targets may
+    hold ``IGNORE_INDEX``, is already split (instruction data masks its prompts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :-1], batch[:, 1:]
+    return batch
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -94,11 +104,11 @@ class ParallelRun:
         for part in self.parts:
             part.init_buffers()  # the rotary tables are not in the state dict
 
-    def forward_backward(self, batch: torch.Tensor, accum: int = 1) -> torch.Tensor:
-        """Loss of one micro-batch (``batch`` holds inputs and shifted targets); accumulates the gradients of
-        ``loss / accum``. Returns the detached mean loss as a plain fp32 tensor, the same on every rank of a
-        tensor- or pipeline-parallel group."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    def forward_backward(self, batch: Batch, accum: int = 1) -> torch.Tensor:
+        """Loss of one micro-batch (``split_batch`` gives its inputs and targets); accumulates the gradients of
+        ``loss / accum``. Returns the detached mean loss (over the targets not ignored) as a plain fp32 tensor,
+        the same on every rank of a tensor- or pipeline-parallel group."""
+        inputs, targets = split_batch(batch)
         with loss_parallel_context(self.dims):
             if self.pipeline is not None:
                 with self.autocast():
@@ -110,9 +120,11 @@ class ParallelRun:
         return _plain(loss.detach()).float()
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch: torch.Tensor) -> tuple[float, int]:
-        """(summed loss, token count) of a held-out batch; (0, 0) on ranks that hold no loss (pipeline)."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    def eval_loss_sum(self, batch: Batch) -> tuple[float, int]:
+        """(summed loss, count of targets not ignored) of a held-out batch; (0, 0) on ranks that hold no loss
+        (pipeline)."""
+        inputs, targets = split_batch(batch)
+        count = int((targets != IGNORE_INDEX).sum())
         with loss_parallel_context(self.dims):
             if self.pipeline is not None:
                 with self.autocast():
@@ -120,14 +132,14 @@ class ParallelRun:
                 # count the tokens once per data-parallel group: on the last stage only
                 if not self.pipeline.has_last:
                     return 0.0, 0
-                return loss.item() * targets.numel(), targets.numel()
+                return loss.item() * count, count
             with self.autocast():
                 logits = self.parts[0](inputs)
             if not self.dims.tp_enabled:  # the exact sum (the vocabulary-parallel loss only gives a mean)
                 loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-                return _plain(loss_sum).item(), targets.numel()
+                return _plain(loss_sum).item(), count
             loss = self.loss_fn(logits, targets)
-        return _plain(loss).float().item() * targets.numel(), targets.numel()
+        return _plain(loss).float().item() * count, count
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm of all gradients (over shards, tensor slices and pipeline stages), clipped to

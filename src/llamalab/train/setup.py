@@ -25,8 +25,9 @@ from ..parallel.mesh import ParallelDims
 from .metrics import training_flops_per_token
 
 TIME_BOUNDED = 10**12  # the step count of a run bounded by time alone
-RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "checkpoints", "final", "loss.png", ".*.tmp-*",
-             ".*.old-*")  # all a run folder holds, with the temporary names of its atomic writes
+# all a run folder holds (``adapter``: a LoRA fine-tune's PEFT adapter), with the temporary names of its atomic writes
+RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "checkpoints", "final", "adapter", "loss.png",
+             ".*.tmp-*", ".*.old-*")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,13 @@ class RunSetup:
         return flops / (self.peak_flops * self.world.world_size)
 
 
-def resolve(cfg: Config) -> RunSetup:
-    """Everything the run needs to know, from ``cfg`` and the machine (and, under torchrun, the environment)."""
+def resolve(cfg: Config, source=None) -> RunSetup:
+    """Everything the run needs to know, from ``cfg`` and the machine (and, under torchrun, the environment).
+
+    ``source(cfg, world) -> (data path, tokenizer path or None, ModelArgs)`` says what is trained on and its
+    shape (``RunSetup.data_dir`` is that data path); the default, ``pretraining_source``, is the prepared folder
+    and ``[model]`` (fine-tuning reads an instruction file and a checkpoint's shape instead).
+    """
     requested = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     world = init_distributed(torch.device(requested).type)
     device = resolve_device(cfg.run.device, world)
@@ -93,16 +99,7 @@ def resolve(cfg: Config) -> RunSetup:
     precision = cfg.precision.mode
     if precision == "auto":
         precision = "bf16" if fast_bf16(device) else "fp32"
-    data_dir = prepare_data(cfg, world)
-    tokenizer_path = data_dir / "tokenizer.model"
-    if tokenizer_path.is_file():
-        from ..tokenizer import Tokenizer
-
-        vocab = Tokenizer(tokenizer_path).vocab_size
-    else:
-        tokenizer_path = None
-        vocab = json.loads((data_dir / "manifest.json").read_text()).get("vocab_size")
-    args = cfg.model_args(vocab_size=vocab)
+    data_dir, tokenizer_path, args = (source or pretraining_source)(cfg, world)
     seq_len = cfg.data.seq_len or args.max_seq_len
     if seq_len > args.max_seq_len:
         raise ConfigError(f"data.seq_len: {seq_len} is longer than model.max_seq_len {args.max_seq_len}")
@@ -119,6 +116,21 @@ def resolve(cfg: Config) -> RunSetup:
                     tokenizer_path=tokenizer_path, args=args, seq_len=seq_len, dp=dims.dp, accum=accum,
                     step_tokens=step_tokens, n_steps=total_steps(cfg, step_tokens), peak_flops=peak,
                     out_dir=out_dir)
+
+
+def pretraining_source(cfg: Config, world: Distributed) -> tuple[Path, Path | None, ModelArgs]:
+    """The prepared data folder, its tokenizer (None when it has none) and ``[model]``'s shape, whose
+    ``vocab_size``, when the config leaves it unset, is the tokenizer's or the manifest's."""
+    data_dir = prepare_data(cfg, world)
+    tokenizer_path = data_dir / "tokenizer.model"
+    if tokenizer_path.is_file():
+        from ..tokenizer import Tokenizer
+
+        vocab = Tokenizer(tokenizer_path).vocab_size
+    else:
+        tokenizer_path = None
+        vocab = json.loads((data_dir / "manifest.json").read_text()).get("vocab_size")
+    return data_dir, tokenizer_path, cfg.model_args(vocab_size=vocab)
 
 
 def init_distributed(device_type: str) -> Distributed:

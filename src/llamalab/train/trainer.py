@@ -5,6 +5,9 @@ environment). ``resolve`` (``setup.py``) turns the config into the run's facts o
 ``ParallelRun.setup`` whatever the world size (activation checkpointing and compile included); then the loop
 below. Each optimizer step takes ``grad_accum`` micro-batches of ``batch.micro_batch`` sequences per
 data-parallel rank, so a step always sees ``batch.global_tokens`` tokens whatever the layout.
+
+What is trained -- data, model, final export -- is a task (``PretrainTask`` by default); fine-tuning passes its
+own (``train(cfg, task=...)``) and gets this loop's checkpoints, exact resume, metrics and layouts unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..model import build_model
 from . import checkpoint as ckpt
 from .metrics import MetricsLog, plot_loss_curve
 from .optim import Schedule, build_optimizer
-from .setup import RunSetup, resolve
+from .setup import RunSetup, pretraining_source, resolve
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,17 +111,52 @@ class Progress:
         return self.tokens_per_s
 
 
-def train(cfg: Config, *, on_step=None) -> TrainResult:
-    """Train as ``cfg`` says; returns a summary. ``on_step(step, record)`` is called after every step."""
-    setup = resolve(cfg)
+class PretrainTask:
+    """What ``train`` trains: pretraining. Another task (``llamalab.finetune.task.FinetuneTask``) replaces any of:
+
+    - ``name(cfg)``: the model's name in the header line and the plot's title;
+    - ``source(cfg, world)``: (data path, tokenizer path or None, ModelArgs), read by ``resolve``;
+    - ``open_data(cfg, setup)``: (training loader, validation set or None). The loader yields a (B, T+1) token
+      tensor or an (inputs, targets) pair whose targets are -100 where no loss is taken, and has
+      ``state_dict`` / ``load_state_dict``; a validation set has ``batches()`` and, for bits per byte,
+      ``bytes_per_token``;
+    - ``build_model(cfg, setup)``: the model ``ParallelRun.setup`` lays out (a meta-device one gets rank 0's
+      seeded initial weights there);
+    - ``export_final(cfg, setup, run, result)``: what rank 0 writes at the end.
+    """
+
+    def name(self, cfg: Config) -> str:
+        return cfg.model.preset
+
+    def source(self, cfg: Config, world):
+        return pretraining_source(cfg, world)
+
+    def open_data(self, cfg: Config, setup: RunSetup):
+        return open_data(cfg, setup)
+
+    def build_model(self, cfg: Config, setup: RunSetup):
+        """Seeded initial weights; on the meta device under several ranks (``ParallelRun`` fills the shards)."""
+        if setup.world.world_size > 1:
+            return build_model(setup.args, device="meta", init=False)
+        return build_model(setup.args, device=setup.device, seed=cfg.run.seed)
+
+    def export_final(self, cfg: Config, setup: RunSetup, run, result: TrainResult) -> None:
+        export_final(cfg, setup, run, result)
+
+
+def train(cfg: Config, *, on_step=None, task=None) -> TrainResult:
+    """Train as ``cfg`` says; returns a summary. ``on_step(step, record)`` is called after every step; ``task``
+    (default ``PretrainTask()``) supplies the data, the model and the final export."""
+    task = task or PretrainTask()
+    setup = resolve(cfg, source=task.source)
     seed_everything(cfg.run.seed)
-    loader, validation = open_data(cfg, setup)
-    run = build_run(cfg, setup)
+    loader, validation = task.open_data(cfg, setup)
+    run = build_run(cfg, setup, task.build_model(cfg, setup))
     model = run.module  # plain names over this rank's shards/stages: optimizer, checkpoints, clipping
     optimizer = build_optimizer(model, cfg.optimizer)
     schedule = Schedule(cfg.optimizer.lr, cfg.schedule, setup.n_steps)
     progress = restore(cfg, setup, model, optimizer, loader, schedule)
-    log = open_log(cfg, setup, progress.step)
+    log = open_log(cfg, setup, progress.step, task.name(cfg))
     bar = progress_bar(cfg, setup, progress.step)
     budget = cfg.length.max_minutes * 60.0
 
@@ -148,7 +186,7 @@ def train(cfg: Config, *, on_step=None) -> TrainResult:
     finally:
         if bar is not None:
             bar.close()
-    return finish(cfg, setup, run, validation, log, progress, record, save)
+    return finish(cfg, setup, run, validation, log, progress, record, save, task)
 
 
 def open_data(cfg: Config, setup: RunSetup):
@@ -168,18 +206,14 @@ def open_data(cfg: Config, setup: RunSetup):
     return loader, validation
 
 
-def build_run(cfg: Config, setup: RunSetup):
-    """The model, laid out by ``llamalab.parallel`` (one process: activation checkpointing and compile only).
+def build_run(cfg: Config, setup: RunSetup, model):
+    """``model`` laid out by ``llamalab.parallel`` (one process: activation checkpointing and compile only).
 
-    Under several ranks the model is built on the meta device (shapes only); parallelize shards it, then rank
-    0's seeded weights fill the shards, so every layout starts from the weights one process would.
+    A model on the meta device (shapes only, under several ranks) is sharded first, then rank 0's seeded
+    weights fill the shards, so every layout starts from the weights one process would.
     """
     from ..parallel.runtime import ParallelRun
 
-    if setup.world.world_size > 1:
-        model = build_model(setup.args, device="meta", init=False)
-    else:
-        model = build_model(setup.args, device=setup.device, seed=cfg.run.seed)
     return ParallelRun.setup(model, setup.dims, setup.mesh, device=setup.device, loss_fn=cross_entropy_loss,
                              autocast=setup.autocast, ac_mode=cfg.activation_checkpoint.mode,
                              compile=cfg.compile.enabled, precision=setup.precision,
@@ -240,7 +274,7 @@ def _load(folder: Path, model, optimizer, setup: RunSetup) -> tuple[dict, dict |
         raise ckpt.CheckpointError(f"{folder}: cannot be loaded into this model and optimizer ({exc})") from exc
 
 
-def open_log(cfg: Config, setup: RunSetup, step: int) -> MetricsLog:
+def open_log(cfg: Config, setup: RunSetup, step: int, name: str) -> MetricsLog:
     """The metrics sink (cut back to ``step`` on resume; a fresh start clears the previous run's files), the run's
     ``config.json`` and the header line."""
     world = setup.world
@@ -251,7 +285,7 @@ def open_log(cfg: Config, setup: RunSetup, step: int) -> MetricsLog:
     if world.is_main:
         setup.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(setup.out_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-        world.log(f"model {cfg.model.preset}: {setup.args.num_params() / 1e6:.2f}M parameters, vocab "
+        world.log(f"model {name}: {setup.args.num_params() / 1e6:.2f}M parameters, vocab "
                   f"{setup.args.vocab_size}; {setup.step_tokens:,} tokens/step = {cfg.batch.micro_batch} seq x "
                   f"{setup.seq_len} x {setup.accum} accum x {setup.dp} dp; "
                   f"{'time-bounded' if setup.time_bounded else f'{setup.n_steps} steps'}; precision "
@@ -289,8 +323,7 @@ def train_step(cfg: Config, setup: RunSetup, run, optimizer, schedule, loader, p
     lr = schedule.apply(optimizer, progress.step, time_fraction)
     loss_sum = torch.zeros((), device=setup.device)
     for _ in range(setup.accum):
-        batch = next(loader).to(setup.device, non_blocking=True)
-        loss_sum += run.forward_backward(batch, setup.accum)
+        loss_sum += run.forward_backward(to_device(next(loader), setup.device), setup.accum)
     loss_sum = run.mean_over_ranks(loss_sum / setup.accum)
     grad_norm = run.clip_grad_norm(cfg.optimizer.grad_clip)
     loss, norm = loss_sum.item(), float(grad_norm)
@@ -312,6 +345,13 @@ def train_step(cfg: Config, setup: RunSetup, run, optimizer, schedule, loader, p
         progress.first_step_end = progress.train_seconds()
     return {"split": "train", "step": progress.step, "tokens": progress.tokens, "loss": loss if finite else None,
             "lr": lr, "grad_norm": norm if finite else None, "skipped_steps": progress.skipped}
+
+
+def to_device(batch, device: torch.device):
+    """A (B, T+1) token tensor, or an (inputs, targets) pair, on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def with_throughput(record: dict, setup: RunSetup, progress: Progress) -> dict:
@@ -359,31 +399,35 @@ def validate(run, validation, setup: RunSetup, progress: Progress, log: MetricsL
     stats = evaluate(run, validation, setup)
     log.log({"split": "val", "step": progress.step, "tokens": progress.tokens, **stats})
     if bar is not None:
-        bar.write(f"step {progress.step}: validation loss {stats['loss']:.4f}, {stats['bpb']:.4f} bits/byte")
+        per_byte = f", {stats['bpb']:.4f} bits/byte" if "bpb" in stats else ""
+        bar.write(f"step {progress.step}: validation loss {stats['loss']:.4f}{per_byte}")
     return stats
 
 
 @torch.no_grad()
 def evaluate(run, validation, setup: RunSetup) -> dict:
-    """Mean loss over the held-out batches; bits per byte and nats per byte from the set's bytes per token."""
+    """Mean loss over the held-out batches (their non-ignored targets); bits per byte and nats per byte from the
+    set's bytes per token when it has one (instruction data has none: its prompts take no loss)."""
     model = run.module
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in validation.batches():
-        batch_total, batch_count = run.eval_loss_sum(batch.to(setup.device, non_blocking=True))
+        batch_total, batch_count = run.eval_loss_sum(to_device(batch, setup.device))
         total, count = total + batch_total, count + batch_count
     stats = torch.tensor([total, count], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(stats)
     model.train(was_training)
     loss = (stats[0] / stats[1]).item()
+    if getattr(validation, "bytes_per_token", None) is None:
+        return {"loss": loss}
     per_byte = loss / validation.bytes_per_token
     return {"loss": loss, "bpb": per_byte / math.log(2), "loss_per_byte": per_byte}
 
 
-def finish(cfg: Config, setup: RunSetup, run, validation, log: MetricsLog, progress: Progress, record, save
-           ) -> TrainResult:
+def finish(cfg: Config, setup: RunSetup, run, validation, log: MetricsLog, progress: Progress, record, save,
+           task: PretrainTask) -> TrainResult:
     """The last record, the final checkpoint and validation, the native export and the summary."""
     trained_seconds = progress.train_seconds()  # the final checkpoint and validation below are not training
     if progress.window_tokens and record is not None:  # a timed run stopped between two records
@@ -396,14 +440,15 @@ def finish(cfg: Config, setup: RunSetup, run, validation, log: MetricsLog, progr
                          peak_flops=setup.peak_flops, checkpoint=progress.last_ckpt, losses=progress.losses)
     if validation is not None:
         stats = validate(run, validation, setup, progress, log)
-        result.val_loss, result.val_bpb, result.val_loss_per_byte = stats["loss"], stats["bpb"], stats["loss_per_byte"]
+        result.val_loss, result.val_bpb = stats["loss"], stats.get("bpb")
+        result.val_loss_per_byte = stats.get("loss_per_byte")
     summarize_throughput(result, setup, progress)
     log.close()
     if setup.world.is_main:
-        export_final(cfg, setup, run, result)
+        task.export_final(cfg, setup, run, result)
         if cfg.logging.plot and log.path.is_file():
             result.plot = plot_loss_curve(log.path, setup.out_dir / "loss.png",
-                                          title=f"{cfg.run.name}: {cfg.model.preset}")
+                                          title=f"{cfg.run.name}: {task.name(cfg)}")
     if dist.is_initialized():
         dist.barrier()
     return result
