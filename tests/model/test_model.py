@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from llamalab.generate import kv_caches
+from llamalab.generate import Decoder
 from llamalab.model import PRESETS, ConfigError, ModelArgs, build_model, preset_args
 from llamalab.model.args import ffn_params_for_hidden
 from llamalab.parallel.pipeline import stage_module
@@ -121,7 +121,7 @@ def test_forward_is_output_of_hidden_states():
     @torch.inference_mode()
     def prefill_then_step(fn):
         """A prefill and one decode step through generate's caches (the documented cache protocol)."""
-        caches = kv_caches(args.n_layers, 2, args.kv_heads, 16, args.head_dim, torch.float32, "cpu")
+        caches = Decoder(model, batch_size=2, cache_len=16).caches
         slots, outs = torch.arange(16), []
         for toks, pos in ((tokens, torch.arange(10).expand(2, -1)), (tokens[:, :1], torch.full((2, 1), 10))):
             outs.append(fn(toks, pos, caches, (slots <= pos[:, :, None])[:, None]))
