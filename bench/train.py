@@ -1,8 +1,8 @@
 """Training throughput: llamalab against transformers' ``LlamaForCausalLM``, plus a bf16 matmul peak probe.
 
 Both models get the same shape, batch, loss (next-token cross-entropy in fp32), AdamW (the paper's betas and
-decay, foreach), bf16 autocast over fp32 weights (``--precision``; ``auto`` falls back to fp32 on a CPU whose
-bf16 matmuls are slower than fp32, i.e. without AVX-512 BF16 / AMX) and ``torch.compile``; they run in alternation, ``--rounds``
+decay, foreach), bf16 autocast over fp32 weights (``--precision``; ``auto`` falls back to fp32 on a CPU
+without native bf16, i.e. without AVX-512 BF16 / AMX: ``hardware.fast_bf16``) and ``torch.compile``; they run in alternation, ``--rounds``
 times ``--steps`` optimizer steps each, and the table shows median tokens/s, MFU against the peak measured in the
 same run (6·N + 12·layers·dim·seq FLOPs per token) and llamalab's ratio to transformers. A second table shows the
 activation memory per micro-batch that activation checkpointing keeps (``--modes``, default none / selective /
@@ -31,7 +31,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().pa
 import torch  # noqa: E402
 
 from llamalab.config import OptimizerConfig  # noqa: E402
-from llamalab.hardware import cpu_flags, measure_peak_flops  # noqa: E402
+from llamalab.hardware import cpu_flags, fast_bf16, measure_peak_flops  # noqa: E402
 from llamalab.model import build_model, preset_args  # noqa: E402
 from llamalab.parallel.activation_checkpoint import MODES, apply_activation_checkpointing  # noqa: E402
 from llamalab.train.metrics import activation_bytes, training_flops_per_token  # noqa: E402
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--precision", default="auto",
-                        help="bf16 (autocast), fp32 or auto (bf16 when the probe shows bf16 matmuls faster); a "
+                        help="bf16 (autocast), fp32 or auto (bf16 where the hardware has native bf16: hardware.fast_bf16); a "
                         "comma-separated list runs the checkpointing table for each, the throughput table for the "
                         "first")
     parser.add_argument("--modes", default="none,selective,full",
@@ -215,7 +215,7 @@ def main() -> None:
 
     bf16_peak = max(measure_peak_flops(torch.bfloat16, opts.device, seconds=1.0) for _ in range(2))
     fp32_peak = max(measure_peak_flops(torch.float32, opts.device, seconds=1.0) for _ in range(2))
-    use_bf16 = [p == "bf16" or (p == "auto" and bf16_peak > 1.2 * fp32_peak) for p in precisions]
+    use_bf16 = [p == "bf16" or (p == "auto" and fast_bf16(opts.device)) for p in precisions]
     bf16 = use_bf16[0]
     peak = bf16_peak if bf16 else fp32_peak
     if opts.device.type == "cuda":

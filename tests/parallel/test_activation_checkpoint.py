@@ -102,7 +102,7 @@ def _activation_bytes(mode: str, autocast: bool) -> int:
 @pytest.mark.parametrize("autocast", [False, True])
 def test_checkpointing_keeps_fewer_activations(autocast):
     none, selective, full = (_activation_bytes(m, autocast) for m in ("none", "selective", "full"))
-    assert full < selective <= 0.7 * none  # selective saves at least 30% (44% in fp32, 50% in bf16 here)
+    assert full < selective <= 0.7 * none  # selective saves at least 30% (44% in fp32, 58% in bf16 here)
     # beyond full's block inputs, selective keeps exactly: per block the attention output and its log-sum-exp
     # (fp32), and the w1 and w3 outputs
     args = preset_args("tiny")
