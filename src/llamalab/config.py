@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .fs import read_toml
 from .model.args import ConfigError, ModelArgs, get_preset
 
 if sys.version_info >= (3, 11):
@@ -390,11 +391,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         where = f"{path}: "
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        data = read_toml(path, "config file", ConfigError)
     apply_overrides(data, list(overrides))
     return config_from_dict(data, where)

@@ -17,12 +17,18 @@ import fnmatch
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError, disk_full_error, is_disk_full
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 class OutputFolderError(UserError):
@@ -207,3 +213,13 @@ def read_json_object(path: Path, layout: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
     return data
+
+
+def read_toml(path: Path, what: str, error: type[Exception] = UserError) -> dict:
+    """The table in the TOML file ``path`` (a ``what``: "config file", "sweep file"); ``error`` names the file."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: invalid TOML: {exc}") from None

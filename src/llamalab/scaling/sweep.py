@@ -46,14 +46,9 @@ from typing import NoReturn
 
 from ..config import Config, ConfigError, LengthConfig, load_config
 from ..errors import UserError
-from ..fs import check_output_folder
+from ..fs import check_output_folder, read_toml
 from ..model.args import ModelArgs
 from ..train.setup import RUN_FILES, Distributed, prepare_data, total_steps
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ACCOUNTINGS = ("total", "non_embedding")
 SWEEP_FILES = ("runs", "logs", "report", ".*.tmp-*", ".*.old-*")  # all a sweep folder holds
@@ -235,12 +230,7 @@ def _seed(value, where: str) -> int:
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and check a sweep file; every mistake is a ``SweepError`` naming the file and the key."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{path}: sweep file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SweepError(f"{path}: invalid TOML: {exc}") from None
+    data = read_toml(path, "sweep file", SweepError)
     where = str(path)
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
