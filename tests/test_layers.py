@@ -20,7 +20,7 @@ LAYERS = [
     {"convert", "generate"},                 # other formats; decoding
     {"train", "eval"},                       # the pipeline's stages
     {"scaling", "finetune"},                 # sweeps of training runs and their fits; fine-tuning, a training task
-    {"api"},                                 # llamalab.load
+    {"api", "serve"},                        # llamalab.load; the OpenAI-compatible server
     {"commands", "cli", "__main__", "__init__"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -27,6 +27,7 @@ COMMANDS = {
     "plan": "estimate per-GPU memory of a training config for a parallel layout",
     "eval": "zero-shot common-sense benchmarks and perplexity",
     "generate": "generate text from a checkpoint (one-shot or interactive)",
+    "serve": "an OpenAI-compatible HTTP server with continuous batching",
     "convert": "convert checkpoints between native, Hugging Face, Meta, llama2.c and GGUF",
     "demo": "prepare the built-in corpus, train the demo model for a few minutes, sample from it",
     "scaling": "compute-budgeted sweeps of training runs and the Chinchilla fits through them",

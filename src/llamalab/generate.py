@@ -26,7 +26,8 @@ from torch import nn
 from .errors import UserError
 from .inference.backend import Backend
 
-__all__ = ["ContextLengthError", "Decoder", "KVCache", "blocked_argmax", "generate", "generate_tokens", "sample_next"]
+__all__ = ["ContextLengthError", "Decoder", "KVCache", "TextTracker", "blocked_argmax", "draw_uniform", "generate",
+           "generate_tokens", "make_generators", "sample_next"]
 
 
 class ContextLengthError(UserError, ValueError):
@@ -127,6 +128,7 @@ class Decoder:
         self.caches = [KVCache(layer[0], layer[1]) for layer in block]
         self.slots = torch.arange(cache_len, device=self.device)
         self._windows: dict[int, torch.Tensor] = {}
+        self._row_caches: dict[int, list[KVCache]] = {}  # one row's views of the caches (``prefill_row``)
         self.step_model = self.backend.step_model()
         self.step = self.backend.compile_step(self.step_logits)
         self.greedy = self.backend.compile_step(self.greedy_step)
@@ -183,6 +185,21 @@ class Decoder:
         with self.backend.products(tokens.numel()):
             return self.forward(tokens, pos, logits_at=last)[:, 0].float()
 
+    @torch.inference_mode()
+    def prefill_row(self, row: int, prompt: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Fill row ``row``'s cache with ``prompt`` alone, leaving the other rows as they are (a server's slot
+        taking a new request while the others decode): (vocab,) fp32 logits at its last token, or with
+        ``all_logits`` (len(prompt), vocab) at every token."""
+        if row not in self._row_caches:
+            self._row_caches[row] = [KVCache(c.k[row:row + 1], c.v[row:row + 1]) for c in self.caches]
+        tokens = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)
+        pos = torch.arange(len(prompt), device=self.device)[None]
+        mask = (self.slots <= pos[:, :, None])[:, None]
+        last = None if all_logits else pos[:, -1]
+        with self.backend.products(tokens.numel()):
+            logits = self.model(tokens, pos, self._row_caches[row], mask, last)
+        return logits[0].float() if all_logits else logits[0, 0].float()
+
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,
                eos_ids: Iterable[int] = ()) -> Iterator[list[int]]:
@@ -198,7 +215,7 @@ class Decoder:
             raise ContextLengthError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                                      f"exceeds the cache length {self.cache_len}")
         greedy = temperature <= 0
-        generators = None if greedy else _generators(seed, len(prompts), self.device)
+        generators = None if greedy else make_generators(seed, len(prompts), self.device)
         eos = set(eos_ids)
         ended = [False] * len(prompts)
         with torch.inference_mode():
@@ -208,7 +225,7 @@ class Decoder:
         for t in range(max_new_tokens):
             with torch.inference_mode():  # entered per step: a suspended generator must not leak the mode
                 if t == 0 or not greedy:
-                    uniform = None if greedy else _uniform(generators, self.device)
+                    uniform = None if greedy else draw_uniform(generators, self.device)
                     nxt = sample_next(logits, temperature, top_k, top_p, uniform)
                 out = nxt.tolist()
             yield out
@@ -224,7 +241,7 @@ class Decoder:
                 pos = pos + 1
 
 
-def _generators(seed, batch: int, device) -> list[torch.Generator]:
+def make_generators(seed, batch: int, device) -> list[torch.Generator]:
     seeds = [seed] * batch if seed is None or isinstance(seed, int) else list(seed)
     if len(seeds) != batch:
         raise ValueError(f"seed: got {len(seeds)} seeds for {batch} prompts")
@@ -239,7 +256,7 @@ def _generators(seed, batch: int, device) -> list[torch.Generator]:
     return gens
 
 
-def _uniform(generators: list[torch.Generator], device) -> torch.Tensor:
+def draw_uniform(generators: list[torch.Generator], device) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(device)
 
 
@@ -316,7 +333,7 @@ def generate_tokens(model: nn.Module | Backend, prompt_ids: Sequence[Sequence[in
     return out
 
 
-class _TextTracker:
+class TextTracker:
     """Turns one row's growing token list into text: the continuation of the prompt, cut at a stop string."""
 
     def __init__(self, tokenizer, prompt: list[int], stop: Sequence[str]):
@@ -386,7 +403,7 @@ def generate(model: nn.Module | Backend, tokenizer, prompts, *, max_new_tokens: 
     eos = _eos_set(tokenizer.eos_id)
     steps = _token_stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed, eos_ids=eos)
-    trackers = [_TextTracker(tokenizer, p, stops) for p in prompt_ids]
+    trackers = [TextTracker(tokenizer, p, stops) for p in prompt_ids]
     if stream:
         if len(batch) != 1:
             raise ValueError(f"stream=True takes one prompt, got {len(batch)}")
@@ -408,7 +425,7 @@ def generate(model: nn.Module | Backend, tokenizer, prompts, *, max_new_tokens: 
     return texts[0] if single else texts
 
 
-def _stream_text(steps, tracker: _TextTracker, eos) -> Iterator[str]:
+def _stream_text(steps, tracker: TextTracker, eos) -> Iterator[str]:
     try:
         for (tok,) in steps:
             if tok in eos:

@@ -9,7 +9,7 @@ from llamalab.checkpoint import save_pretrained
 from llamalab.generate import (
     ContextLengthError,
     Decoder,
-    _TextTracker,
+    TextTracker,
     generate,
     generate_tokens,
     sample_next,
@@ -143,7 +143,7 @@ def test_streaming_never_splits_a_multibyte_character(tokenizer):
     text = " naïve ☃ 𝔘 世界 ok"
     ids = tokenizer.encode(text, bos=False)
     assert any(tokenizer.id_to_piece(i).startswith("<0x") for i in ids)  # the test exercises byte pieces
-    tracker = _TextTracker(tokenizer, [tokenizer.bos_id], [])
+    tracker = TextTracker(tokenizer, [tokenizer.bos_id], [])
     pieces = []
     for i in ids:
         tracker.add(i)

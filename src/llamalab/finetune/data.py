@@ -88,9 +88,10 @@ def plain_segments(record: dict) -> list[Segment]:
     return [Segment(prompt, False, bos=True), Segment(_text(record, "output"), True, eos=True)]
 
 
-def llama2_chat_segments(record: dict) -> list[Segment]:
+def llama2_chat_segments(record: dict, generation: bool = False) -> list[Segment]:
     """``<s>[INST] {user} [/INST] {assistant}</s>`` per turn, the system message folded into the first user
-    turn, as Meta's ``chat_completion`` builds a dialog (without its space before ``</s>``)."""
+    turn, as Meta's ``chat_completion`` builds a dialog (without its space before ``</s>``). A training dialog
+    ends with the assistant's turn; with ``generation`` it ends with the user's, the prompt for the next answer."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("missing field 'messages' (a non-empty list)" if "messages" not in record
@@ -116,7 +117,9 @@ def llama2_chat_segments(record: dict) -> list[Segment]:
             segments.append(Segment(f"{B_INST} {content.strip()} {E_INST}", False, bos=True))
         else:
             segments.append(Segment(content.strip(), True, eos=True))
-    if len(turns) % 2:
+    if generation and len(turns) % 2 == 0:
+        raise ValueError("the last message is the assistant's; a chat request ends with the user's")
+    if not generation and len(turns) % 2:
         raise ValueError("the last message is the user's; a training dialog ends with the assistant's")
     return segments
 

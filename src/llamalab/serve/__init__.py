@@ -1,0 +1,1 @@
+"""``llamalab serve``: an OpenAI-compatible HTTP server with continuous batching (docs/serve.md)."""
