@@ -18,6 +18,7 @@ class Pretrained:
     tokenizer: object | None  # llamalab.tokenizer.Tokenizer when the folder holds tokenizer.model
     special_ids: dict[str, int]
     path: Path
+    chat_template: str | None = None  # the folder's chat_template.jinja (an imported HF checkpoint's), verbatim
     backends: dict[bool, Backend] = field(default_factory=dict, repr=False)  # by ``compile``
 
     def accelerate(self, compile: bool = False) -> Backend:
@@ -38,7 +39,7 @@ class Pretrained:
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Pretrained:
     """Load a native llamalab checkpoint folder. Never unpickles: safetensors and JSON only."""
-    from .checkpoint import TOKENIZER_NAME, load_model, parse_dtype
+    from .checkpoint import TOKENIZER_NAME, load_model, parse_dtype, read_chat_template
     from .tokenizer import Tokenizer
 
     path = Path(path)
@@ -47,5 +48,6 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
     if tokenizer is not None:
         special = {**tokenizer.special_ids(), **special}
-    return Pretrained(model=model, args=args, tokenizer=tokenizer, special_ids=special, path=path)
+    return Pretrained(model=model, args=args, tokenizer=tokenizer, special_ids=special, path=path,
+                      chat_template=read_chat_template(path))
 

@@ -25,8 +25,10 @@ from .model import ModelArgs, Transformer, build_model
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # optional: the chat template (Jinja) of an imported HF checkpoint
 SPECIAL_KEYS = ("bos_id", "eos_id", "pad_id", "unk_id")
-NATIVE_FILES = (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME)  # all a native folder holds: it may be replaced whole
+# all a native folder holds: it may be replaced whole
+NATIVE_FILES = (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME, CHAT_TEMPLATE_NAME)
 
 DTYPES = {
     "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
@@ -44,7 +46,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
-NATIVE_LAYOUT = f"a llamalab checkpoint is a folder holding {CONFIG_NAME}, {WEIGHTS_NAME} and {TOKENIZER_NAME}"
+NATIVE_LAYOUT = (f"a llamalab checkpoint is a folder holding {CONFIG_NAME}, {WEIGHTS_NAME} and {TOKENIZER_NAME} "
+                 f"(and optionally {CHAT_TEMPLATE_NAME})")
 
 
 class CorruptFileError(UserError, ValueError):
@@ -72,6 +75,18 @@ def read_config(folder: Path) -> tuple[ModelArgs, dict[str, int]]:
     return ModelArgs.from_dict(data, source=str(path)), special
 
 
+def read_chat_template(folder: str | Path) -> str | None:
+    """The text of ``chat_template.jinja`` in ``folder`` (verbatim), or None when there is none."""
+    path = Path(folder) / CHAT_TEMPLATE_NAME
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); expected a Jinja chat template") from None
+
+
 def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Contiguous, unshared tensors under Meta's names (what safetensors requires)."""
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -79,9 +94,15 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def save_pretrained(folder: str | Path, model: Transformer, tokenizer_path: str | Path | None = None,
                     special_ids: dict[str, int] | None = None, dtype: torch.dtype | None = None,
-                    force: bool = False) -> Path:
-    """Write a native folder; an existing folder is replaced only if it holds nothing but native files."""
+                    force: bool = False, chat_template: str | None = None) -> Path:
+    """Write a native folder; an existing folder is replaced only if it holds nothing but native files.
+
+    ``chat_template`` (Jinja text) is written verbatim to ``chat_template.jinja``; when it is None, a
+    ``chat_template.jinja`` beside ``tokenizer_path`` (a native folder's ``tokenizer.model``) is copied with it.
+    """
     folder = Path(folder)
+    if chat_template is None and tokenizer_path is not None and Path(tokenizer_path).name == TOKENIZER_NAME:
+        chat_template = read_chat_template(Path(tokenizer_path).parent)
     if special_ids is None and tokenizer_path is not None:
         from .tokenizer import Tokenizer
 
@@ -96,6 +117,8 @@ def save_pretrained(folder: str | Path, model: Transformer, tokenizer_path: str 
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "llamalab"})
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE_NAME).write_bytes(chat_template.encode("utf-8"))
 
     size = sum(t.numel() * t.element_size() for t in state.values())
     return atomic_write_dir(folder, write, owned=NATIVE_FILES, what="native checkpoint folder", force=force,

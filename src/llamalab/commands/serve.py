@@ -86,5 +86,5 @@ def load_served(args):
     for _ in warm.events():
         pass
     name = args.model_name or Path(args.checkpoint).resolve().name
-    chat = ChatFormat(tok, getattr(pretrained, "chat_template", None))
+    chat = ChatFormat(tok, pretrained.chat_template)
     return Served(engine=engine, tokenizer=tok, chat=chat, model_name=name, api_key=args.api_key)

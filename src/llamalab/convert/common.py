@@ -20,6 +20,7 @@ from ..checkpoint import (
     load_model,
     load_state_into,
     parse_dtype,
+    read_chat_template,
     save_pretrained,
 )
 from ..model import ModelArgs, Transformer, build_model
@@ -29,12 +30,13 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 @dataclass
 class Native:
-    """A loaded native folder: the model, its args, special ids and the tokenizer file (if any)."""
+    """A loaded native folder: the model, its args, special ids, the tokenizer file and chat template (if any)."""
 
     model: Transformer
     args: ModelArgs
     special_ids: dict[str, int]
     tokenizer_path: Path | None
+    chat_template: str | None = None  # the text of chat_template.jinja
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
@@ -44,7 +46,7 @@ def read_native(folder: str | Path, dtype: str | torch.dtype | None = None) -> N
     folder = Path(folder)
     model, args, special = load_model(folder, dtype=parse_dtype(dtype))
     tok = folder / TOKENIZER_NAME
-    return Native(model, args, special, tok if tok.is_file() else None)
+    return Native(model, args, special, tok if tok.is_file() else None, read_chat_template(folder))
 
 
 def load_torch_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -67,7 +69,7 @@ def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], source: st
 def write_native(out_dir: str | Path, args: ModelArgs, shapes: dict[str, tuple[int, ...]],
                  tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], *, source: str,
                  dtype: torch.dtype, tokenizer_path: str | Path | None = None,
-                 special_ids: dict[str, int] | None = None) -> Path:
+                 special_ids: dict[str, int] | None = None, chat_template: str | None = None) -> Path:
     """Check ``shapes`` against ``args``, then copy each (name, tensor) of ``tensors()`` into a new model.
 
     ``tensors`` may yield a parameter in pieces as ``(name, (tensor, dim, offset))`` for sharded sources.
@@ -88,4 +90,5 @@ def write_native(out_dir: str | Path, args: ModelArgs, shapes: dict[str, tuple[i
     if missing:
         raise ValueError(f"{source}: no data for {missing[:10]}")
     model.eval()
-    return save_pretrained(out_dir, model, tokenizer_path=tokenizer_path, special_ids=special_ids)
+    return save_pretrained(out_dir, model, tokenizer_path=tokenizer_path, special_ids=special_ids,
+                           chat_template=chat_template)

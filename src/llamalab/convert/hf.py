@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import naming_safetensors_errors
+from ..checkpoint import CHAT_TEMPLATE_NAME, naming_safetensors_errors, read_chat_template
+from ..errors import UserError
 from ..fs import atomic_write_dir, read_json_object
 from ..model import ModelArgs
 from ..model.args import ffn_params_for_hidden
@@ -189,7 +190,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> tuple[ModelAr
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_FILES = ("config.json", "generation_config.json", HF_WEIGHTS, "model-*-of-*.safetensors", HF_INDEX,
-            "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+            "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            CHAT_TEMPLATE_NAME)
 HF_LAYOUT = f"a Hugging Face model folder holds config.json and {HF_WEIGHTS} (or shards listed in {HF_INDEX})"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -238,8 +240,11 @@ def write_safetensors(folder: Path, state: dict[str, torch.Tensor], max_shard_si
     return names + [HF_INDEX]
 
 
-def write_hf_tokenizer(folder: Path, tokenizer_path: Path, max_seq_len: int) -> None:
+def write_hf_tokenizer(folder: Path, tokenizer_path: Path, max_seq_len: int,
+                       chat_template: str | None = None) -> None:
     """``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+    ``chat_template`` goes into ``tokenizer_config.json`` as ``chat_template`` (what ``apply_chat_template`` uses).
 
     transformers 5 converts a bare ``tokenizer.model`` with a Metaspace pre-tokenizer (drops the space of
     text that starts with one) and BPE merges ranked by id (LLaMA gives whitespace pieces score -1e9, so
@@ -264,6 +269,8 @@ def write_hf_tokenizer(folder: Path, tokenizer_path: Path, max_seq_len: int) -> 
         "legacy": True,
         "model_max_length": max_seq_len,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     try:
         fast = sentencepiece_to_tokenizers(tokenizer_path)
     except ImportError:
@@ -337,7 +344,9 @@ def export_hf(native_dir: str | Path, out_dir: str | Path, dtype: str | torch.dt
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         write_safetensors(tmp, state, limit)
         if native.tokenizer_path is not None:
-            write_hf_tokenizer(tmp, native.tokenizer_path, args.max_seq_len)
+            write_hf_tokenizer(tmp, native.tokenizer_path, args.max_seq_len, native.chat_template)
+        elif native.chat_template is not None:  # no tokenizer to configure: keep it as transformers' own file
+            (tmp / CHAT_TEMPLATE_NAME).write_bytes(native.chat_template.encode("utf-8"))
 
     return atomic_write_dir(Path(out_dir), write, owned=HF_FILES, what="Hugging Face model folder")
 
@@ -380,10 +389,39 @@ def _hf_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
+def hf_chat_template(hf_dir: Path) -> str | None:
+    """The chat template of an HF folder: ``chat_template.jinja`` (verbatim) if present, else
+    ``tokenizer_config.json``'s ``chat_template``: a string, or a list of ``{"name", "template"}`` of which the
+    one named "default" is kept (others, such as "tool_use", are dropped). None when there is none."""
+    template = read_chat_template(hf_dir)
+    cfg_path = hf_dir / "tokenizer_config.json"
+    if template is not None or not cfg_path.is_file():
+        return template
+    value = read_json_object(cfg_path, HF_LAYOUT).get("chat_template")
+    where = f"{cfg_path}: \"chat_template\""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        kind = {dict: "object", bool: "boolean", int: "number", float: "number"}.get(type(value), "value")
+        raise UserError(f"{where} is a JSON {kind}; expected a string or a list of "
+                        "{\"name\": ..., \"template\": ...} objects")
+    named = {}
+    for i, item in enumerate(value):
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("name", "template"))):
+            raise UserError(f"{where}[{i}] is {json.dumps(item)[:80]}; expected an object with string \"name\" "
+                            "and \"template\"")
+        named[item["name"]] = item["template"]
+    if "default" not in named:
+        print(f"note: {where} has no template named 'default' (only {sorted(named)}); "
+              "the native folder will have no chat template")
+    return named.get("default")
+
+
 def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
     """A native folder from an HF ``LlamaForCausalLM`` folder (sharded or not, GQA, tied embeddings).
 
-    The native dtype is ``dtype`` or else the stored one. Tensors are read one at a time.
+    The native dtype is ``dtype`` or else the stored one. Tensors are read one at a time. The chat template
+    (``hf_chat_template``), if any, becomes the native folder's ``chat_template.jinja``.
     """
     from .common import parse_dtype, write_native
 
@@ -394,6 +432,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype 
     if "LlamaForCausalLM" not in archs:
         raise ValueError(f"{cfg_path}: architectures {archs} is not LlamaForCausalLM")
     args, special = args_from_hf_config(cfg, str(cfg_path))
+    chat_template = hf_chat_template(hf_dir)
     files = _hf_weight_files(hf_dir)
     shapes, dtypes = {}, []
     for f in files:
@@ -422,4 +461,4 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype 
         print(f"note: {hf_dir} has no tokenizer.model (SentencePiece); the native folder will have no tokenizer")
         tok = None
     return write_native(out_dir, args, shapes, tensors, source=str(hf_dir), dtype=target, tokenizer_path=tok,
-                        special_ids=None if tok else special)
+                        special_ids=None if tok else special, chat_template=chat_template)
