@@ -28,3 +28,16 @@ def finetune_overrides(base, data, out_dir, method: str = "lora") -> list[str]:
             "--logging.every", "1", "--logging.progress", "false", "--logging.tensorboard", "false",
             "--logging.plot", "false", "--logging.peak_tflops", "1", "--checkpoint.every", "4",
             "--precision.mode", "fp32", "--lora.dropout", "0.1"]
+
+
+def varied_records(n: int = 48) -> list[dict]:
+    """Like ``alpaca_records`` but with answers of 1 to 5 words and prompts of three lengths, so rows (and the
+    micro-batches of a layout) hold different numbers of response tokens, the ones that take loss."""
+    records = []
+    for i in range(n):
+        words = [WORDS[(i + 2 * k) % len(WORDS)] for k in range(1 + (i * 7) % 5)]
+        record = {"instruction": f"Repeat the words: {' '.join(words)}" + " please" * (i % 3), "output": " ".join(words)}
+        if i % 4 == 1:
+            record["input"] = WORDS[(5 * i) % len(WORDS)]
+        records.append(record)
+    return records

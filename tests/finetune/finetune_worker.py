@@ -1,5 +1,6 @@
 """torchrun entry: ``finetune_worker.py RESULT_JSON OVERRIDES_JSON`` runs one fine-tuning (``FinetuneTask``)
-and writes rank 0's losses and validation loss."""
+and writes rank 0's losses and validation loss; OVERRIDES_JSON a list of override lists runs them one after the
+other in one process group and writes a list of results."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ from llamalab.finetune.task import FinetuneTask
 from llamalab.train.trainer import train
 
 
+def run(overrides: list[str]) -> dict:
+    cfg = load_config(None, overrides)
+    result = train(cfg, task=FinetuneTask(cfg))
+    return {"losses": result.losses, "val_loss": result.val_loss,
+            "final_dir": str(result.final_dir) if result.final_dir else None}
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    cfg = load_config(None, json.loads(sys.argv[2]))
-    result = train(cfg, task=FinetuneTask(cfg))
+    runs = json.loads(sys.argv[2])
+    results = [run(o) for o in runs] if runs and isinstance(runs[0], list) else run(runs)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as fh:
-            json.dump({"losses": result.losses, "val_loss": result.val_loss}, fh)
+            json.dump(results, fh)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -22,6 +22,18 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 from .mesh import LayoutError
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS")
+IGNORE_INDEX = -100  # F.cross_entropy's default: a target that takes no loss (a prompt token, padding)
+
+
+def loss_share(loss: torch.Tensor, targets: torch.Tensor, tokens: float) -> torch.Tensor:
+    """``loss``, the mean over the targets of ``targets`` not ignored, as its part of a sum over ``tokens``
+    targets: summed loss / ``tokens``. Micro-batches that take loss on different numbers of tokens then weigh
+    each token alike, as one mean over the whole batch does (a mean of micro-batch means would not). One with no
+    target to take loss on (its mean is NaN) adds 0, and still runs backward like the others."""
+    count = int((targets != IGNORE_INDEX).sum())
+    if count == 0:
+        return torch.nan_to_num(loss, nan=0.0) * 0.0
+    return loss * (count / tokens)
 
 
 def schedule_class(name: str):
@@ -71,7 +83,7 @@ class Pipeline:
     num_stages: int
     group: dist.ProcessGroup
     microbatches: int
-    loss_scale: float = 1.0  # what the schedule's loss is multiplied by before its backward
+    tokens: float = 1.0  # what the schedule's summed loss is divided by before its backward (``loss_share``)
 
     @property
     def has_first(self) -> bool:
@@ -81,14 +93,15 @@ class Pipeline:
     def has_last(self) -> bool:
         return self.num_stages - 1 in self.stage_ids
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor, accum: int = 1, train: bool = True) -> torch.Tensor:
-        """Forward (and backward) over the whole local batch; returns the mean micro-batch loss on every rank.
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, tokens: float, train: bool = True) -> torch.Tensor:
+        """Forward (and backward) over the whole local batch; returns its loss summed over the targets not
+        ignored, divided by ``tokens``, on every rank.
 
-        Gradients of ``mean loss / accum`` are added to what the parameters already hold, so ``accum`` calls
-        accumulate like one batch ``accum`` times larger. (The schedule's own ``scale_grads`` would divide
+        Gradients of that are added to what the parameters already hold, so calls with the same ``tokens``
+        (the step's count) accumulate like one larger batch. (The schedule's own ``scale_grads`` would divide
         the earlier calls' gradients again, so the averaging is done in the loss instead.)
         """
-        self.loss_scale = 1.0 / (self.microbatches * accum)
+        self.tokens = tokens
         run = self.schedule.step if train else self.schedule.eval
         losses: list[torch.Tensor] = []
         if self.has_first:
@@ -98,7 +111,7 @@ class Pipeline:
         else:
             run()
         if self.has_last:
-            loss = torch.stack([_plain(loss).detach() for loss in losses]).mean().float() / self.loss_scale
+            loss = torch.stack([_plain(loss).detach() for loss in losses]).sum().float()
         else:
             loss = torch.zeros((), device=inputs.device)
         dist.all_reduce(loss, group=self.group)  # only the last stage contributes
@@ -115,14 +128,15 @@ def build_pipeline(model: nn.Module, pp_mesh: DeviceMesh, *, schedule: str, micr
     """Split a full ``Transformer`` into this rank's stages, parallelize each and build the schedule.
 
     ``parallelize`` is applied to each stage module (TP/AC/compile/FSDP: ``parallelize_model`` with the same
-    mesh). ``loss_fn(logits, targets)`` must average over its micro-batch. ``model`` itself becomes one of the
+    mesh). ``loss_fn(logits, targets)`` must average over its micro-batch's targets not ignored (each pipeline
+    micro-batch's mean then enters as ``loss_share``). ``model`` itself becomes one of the
     parts; further stages on the same rank are deep copies taken before stripping.
     """
     cls = schedule_class(schedule)
     pipeline: Pipeline | None = None
 
     def scaled_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return loss_fn(logits, targets) * pipeline.loss_scale
+        return loss_share(loss_fn(logits, targets), targets, pipeline.tokens)
 
     per_rank = stages_per_rank(schedule)
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()

@@ -21,10 +21,9 @@ from torch import nn
 from .checkpoint import state_module
 from .mesh import ParallelDims
 from .parallelize import loss_parallel_context, parallelize_model
-from .pipeline import Pipeline, build_pipeline
+from .pipeline import IGNORE_INDEX, Pipeline, build_pipeline, loss_share
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-IGNORE_INDEX = -100  # F.cross_entropy's default: a target that takes no loss (a prompt token, padding)
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -104,19 +103,31 @@ class ParallelRun:
         for part in self.parts:
             part.init_buffers()  # the rotary tables are not in the state dict
 
-    def forward_backward(self, batch: Batch, accum: int = 1) -> torch.Tensor:
-        """Loss of one micro-batch (``split_batch`` gives its inputs and targets); accumulates the gradients of
-        ``loss / accum``. Returns the detached mean loss (over the targets not ignored) as a plain fp32 tensor,
-        the same on every rank of a tensor- or pipeline-parallel group."""
+    def loss_tokens(self, batches: list[Batch]) -> float:
+        """The targets not ignored in one optimizer step's micro-batches ``batches``, counted over every
+        data-parallel rank and divided by their number: what ``forward_backward`` divides the summed loss by, so
+        that the data-parallel mean of the accumulated gradients is that of the mean over all the global batch's
+        targets, as one process computes it on the whole batch, however many of them each micro-batch, pipeline
+        micro-batch or rank holds (instruction data: a mean of micro-batch means would weigh tokens unequally)."""
+        count = sum((split_batch(b)[1] != IGNORE_INDEX).sum() for b in batches)
+        return float(self.mean_over_ranks(count.double()))  # equal within each TP/PP group: the same rows
+
+    def forward_backward(self, batch: Batch, tokens: float | None = None) -> torch.Tensor:
+        """Loss of one micro-batch (``split_batch`` gives its inputs and targets) summed over its targets not
+        ignored and divided by ``tokens`` (``loss_tokens`` of the step; default: this micro-batch's count, i.e.
+        its mean); accumulates its gradients. Returns it detached as a plain fp32 tensor, the same on every rank
+        of a tensor- or pipeline-parallel group."""
         inputs, targets = split_batch(batch)
+        if tokens is None:
+            tokens = float((targets != IGNORE_INDEX).sum())
         with loss_parallel_context(self.dims):
             if self.pipeline is not None:
                 with self.autocast():
-                    return self.pipeline.step(inputs, targets, accum)
+                    return self.pipeline.step(inputs, targets, tokens)
             with self.autocast():
                 logits = self.parts[0](inputs)
-            loss = self.loss_fn(logits, targets)
-            (loss / accum).backward()
+            loss = loss_share(self.loss_fn(logits, targets), targets, tokens)
+            loss.backward()
         return _plain(loss.detach()).float()
 
     @torch.no_grad()
@@ -128,11 +139,11 @@ class ParallelRun:
         with loss_parallel_context(self.dims):
             if self.pipeline is not None:
                 with self.autocast():
-                    loss = self.pipeline.step(inputs, targets, train=False)  # the same on every pipeline rank
+                    loss_sum = self.pipeline.step(inputs, targets, 1.0, train=False)  # the same on every stage
                 # count the tokens once per data-parallel group: on the last stage only
                 if not self.pipeline.has_last:
                     return 0.0, 0
-                return loss.item() * count, count
+                return loss_sum.item(), count
             with self.autocast():
                 logits = self.parts[0](inputs)
             if not self.dims.tp_enabled:  # the exact sum (the vocabulary-parallel loss only gives a mean)

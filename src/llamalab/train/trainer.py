@@ -321,10 +321,12 @@ def train_step(cfg: Config, setup: RunSetup, run, optimizer, schedule, loader, p
     """One optimizer step over ``accum`` micro-batches; a non-finite loss or gradient skips the update."""
     time_fraction = min(1.0, progress.train_seconds() / budget) if budget else None
     lr = schedule.apply(optimizer, progress.step, time_fraction)
+    batches = [to_device(next(loader), setup.device) for _ in range(setup.accum)]
+    tokens = run.loss_tokens(batches)  # the loss is the mean over the global batch's targets not ignored
     loss_sum = torch.zeros((), device=setup.device)
-    for _ in range(setup.accum):
-        loss_sum += run.forward_backward(to_device(next(loader), setup.device), setup.accum)
-    loss_sum = run.mean_over_ranks(loss_sum / setup.accum)
+    for batch in batches:
+        loss_sum += run.forward_backward(batch, tokens)
+    loss_sum = run.mean_over_ranks(loss_sum)
     grad_norm = run.clip_grad_norm(cfg.optimizer.grad_clip)
     loss, norm = loss_sum.item(), float(grad_norm)
     finite = math.isfinite(loss) and math.isfinite(norm)
