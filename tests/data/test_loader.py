@@ -8,6 +8,7 @@ import torch
 
 from llamalab.data.loader import MixtureLoader, ValidationSet
 from llamalab.data.shards import ShardWriter, finish_prepared, split_entry, token_dtype
+from llamalab.parallel.runtime import split_batch
 
 SPAN = 1000  # source i uses token ids [i * SPAN, (i + 1) * SPAN)
 
@@ -134,11 +135,26 @@ def test_incomplete_folder_is_refused(mixture):
         MixtureLoader(folder, batch_size=1, seq_len=8)
 
 
+def held_out_rows(val: ValidationSet) -> torch.Tensor:
+    """The (n, seq_len + 1) held-out rows a ValidationSet yields, without the padding rows of padded batches."""
+    rows = []
+    for batch in val.batches():
+        if isinstance(batch, torch.Tensor):
+            rows.append(batch)
+            continue
+        inputs, targets = batch
+        real = (targets != -100).all(1)
+        assert (targets[~real] == -100).all()
+        rows.append(torch.cat([inputs, targets[:, -1:]], 1)[real])
+    return torch.cat(rows)
+
+
 def test_validation_set_covers_heldout_tokens_once(mixture):
     folder, streams, _ = mixture
     val = ValidationSet(folder, seq_len=50, batch_size=8)
-    rows = torch.cat(list(val.batches()))
+    rows = held_out_rows(val)
     assert len(val) == -(-rows.shape[0] // 8) and rows.shape[0] == 3 * ((3_000 - 1) // 50)
+    assert all(split_batch(b)[0].shape == (8, 50) for b in val.batches())  # the last one padded
     # every source's targets are its held-out tokens, each exactly once
     for s, name in enumerate(sorted({n for n, _ in streams})):
         mine = rows[row_sources(rows) == s]
@@ -146,8 +162,12 @@ def test_validation_set_covers_heldout_tokens_once(mixture):
         want = streams[(name, "validation")][1:1 + 50 * ((3_000 - 1) // 50)]
         assert np.array_equal(targets, np.sort(want))
     assert val.bytes_per_token == pytest.approx(3.0)
-    assert [b.tolist() for b in val.batches()] == [b.tolist() for b in ValidationSet(folder, 50, 8).batches()]
+    assert held_out_rows(ValidationSet(folder, 50, 8)).equal(rows)
     limited = ValidationSet(folder, seq_len=50, batch_size=8, max_batches=2)
-    assert len(list(limited.batches())) == 2
-    halves = [torch.cat(list(ValidationSet(folder, 50, 4, rank=r, world_size=2).batches())) for r in range(2)]
-    assert torch.cat(halves).shape[0] == 8 * (rows.shape[0] // 8)
+    assert len(list(limited.batches())) == 2 and held_out_rows(limited).equal(rows[:16])
+    # two ranks share the same held-out rows (max_batches counts batches of batch_rows rows, not per rank)
+    halves = [ValidationSet(folder, 50, 4, rank=r, world_size=2, batch_rows=8) for r in range(2)]
+    assert len(halves[0]) == len(halves[1]) == -(-rows.shape[0] // 8)
+    assert torch.cat([held_out_rows(h) for h in halves]).equal(rows)
+    limited = [ValidationSet(folder, 50, 4, max_batches=2, rank=r, world_size=2, batch_rows=8) for r in range(2)]
+    assert torch.cat([held_out_rows(h) for h in limited]).equal(rows[:16])

@@ -20,6 +20,8 @@ import torch
 
 from .shards import PreparedData, TokenStream
 
+IGNORE_INDEX = -100  # F.cross_entropy's default: a target that takes no loss (a prompt token, padding)
+
 STATE_VERSION = 1
 
 
@@ -136,19 +138,33 @@ class MixtureLoader:
 
 
 class ValidationSet:
-    """Deterministic held-out batches over every source's validation split, and bytes per token.
+    """Deterministic held-out rows over every source's validation split, and bytes per token.
 
     Windows of ``seq_len + 1`` tokens start ``seq_len`` apart, so each held-out token is predicted once. They are
-    interleaved across sources in a fixed shuffled order, so ``max_batches`` keeps a token-weighted sample of the
-    mixture. With several ranks, each global batch (``batch_size * world_size`` rows) is split like the
-    training batches and an incomplete last one is dropped (so every rank runs the same number of batches);
-    with one rank the last batch may be smaller.
+    interleaved across sources in a fixed shuffled order, so a prefix of that order is a token-weighted sample of
+    the mixture. The held-out set is the first ``max_batches * batch_rows`` windows of that order (all of them
+    when there are fewer, or when ``max_batches`` is None): ``batch_rows`` is the unit of ``max_batches``, in rows,
+    and does not depend on the layout (the trainer passes the training global batch, ``batch.global_tokens /
+    seq_len`` sequences; it defaults to ``batch_size``). So every layout -- ``world_size``, ``batch_size`` --
+    evaluates exactly the same windows.
+
+    ``world_size`` ranks split those rows into consecutive shares of ``ceil(rows / world_size)``; each rank yields
+    its share in batches of exactly ``batch_size`` rows, as many on every rank (``len``). A batch that is not all
+    held-out rows (the end of a share, or a rank with nothing left) is topped up with padding rows and comes as an
+    ``(inputs, targets)`` pair whose padding targets are ``IGNORE_INDEX`` (-100), so they take no loss; full
+    batches are ``(batch_size, seq_len + 1)`` LongTensors. The mean loss is then the token-weighted mean over
+    exactly the held-out windows: sum the losses and the counts of targets not ignored over every rank and divide.
     """
 
     def __init__(self, prepared_dir: str | Path, seq_len: int, batch_size: int, max_batches: int | None = None,
-                 *, rank: int = 0, world_size: int = 1):
+                 *, rank: int = 0, world_size: int = 1, batch_rows: int | None = None):
+        if batch_size < 1 or (batch_rows is not None and batch_rows < 1):
+            raise ValueError(f"batch_size and batch_rows must be >= 1, got {batch_size} and {batch_rows}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.data = PreparedData(prepared_dir)
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
+        self.batch_rows = batch_rows or batch_size
         self.streams, windows = [], []
         for name in sorted(self.data.sources):
             info = self.data.sources[name]["splits"].get("validation")
@@ -162,26 +178,33 @@ class ValidationSet:
             raise ValueError(f"{self.data.folder}: no source has a validation split of at least {seq_len + 1} "
                              "tokens; raise validation_fraction or lower seq_len")
         order = np.concatenate(windows)[np.random.default_rng(0).permutation(sum(len(w) for w in windows))]
-        global_batch = batch_size * world_size
-        n_batches = len(order) // global_batch if world_size > 1 else -(-len(order) // global_batch)
         if max_batches is not None:
-            n_batches = min(n_batches, max_batches)
-        self.windows = order[:n_batches * global_batch]
-        self.num_batches = n_batches
+            order = order[:max_batches * self.batch_rows]
+        self.windows = order  # the held-out set: the same whatever the layout
+        share = -(-len(order) // world_size)
+        self.rows = order[rank * share:(rank + 1) * share]  # this rank's share (may be short or empty)
+        self.num_batches = -(-share // batch_size)
         ratio = np.array([r for _, _, r in self.streams])
-        self.bytes_per_token = float(ratio[self.windows[:, 0]].mean())
+        self.bytes_per_token = float(ratio[self.windows[:, 0]].mean()) if len(self.windows) else float("nan")
         self.num_tokens = len(self.windows) * seq_len
 
     def __len__(self) -> int:
         return self.num_batches
 
     def batches(self):
-        global_batch = self.batch_size * self.world_size
         for b in range(self.num_batches):
-            rows = self.windows[b * global_batch:(b + 1) * global_batch]
-            rows = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-            yield torch.from_numpy(np.stack(
-                [self.streams[s][1].read(int(start), self.seq_len + 1) for s, start in rows]).astype(np.int64))
+            rows = self.rows[b * self.batch_size:(b + 1) * self.batch_size]
+            real = [self.streams[s][1].read(int(start), self.seq_len + 1) for s, start in rows]
+            tokens = np.zeros((self.batch_size, self.seq_len + 1), dtype=np.int64)
+            if real:
+                tokens[:len(real)] = np.stack(real)
+            tokens = torch.from_numpy(tokens)
+            if len(real) == self.batch_size:
+                yield tokens
+                continue
+            targets = tokens[:, 1:].clone()
+            targets[len(real):] = IGNORE_INDEX
+            yield tokens[:, :-1], targets
 
     def __iter__(self):
         return self.batches()

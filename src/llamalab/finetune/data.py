@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.loader import IGNORE_INDEX
 from ..errors import UserError
-from ..parallel.runtime import IGNORE_INDEX
 
 # Stanford Alpaca's templates, verbatim (tatsu-lab/stanford_alpaca, train.py: PROMPT_DICT)
 ALPACA_PROMPT_INPUT = (

@@ -19,10 +19,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from ..data.loader import IGNORE_INDEX
 from .mesh import LayoutError
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS")
-IGNORE_INDEX = -100  # F.cross_entropy's default: a target that takes no loss (a prompt token, padding)
 
 
 def loss_share(loss: torch.Tensor, targets: torch.Tensor, tokens: float) -> torch.Tensor:

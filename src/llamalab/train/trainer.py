@@ -199,8 +199,11 @@ def open_data(cfg: Config, setup: RunSetup):
     validation = None
     if cfg.data.val_batches:
         try:
+            # val_batches counts training global batches (global_tokens / seq_len rows): the same held-out
+            # windows whatever the layout (world size, degrees, micro-batch, accumulation)
             validation = ValidationSet(setup.data_dir, setup.seq_len, cfg.batch.micro_batch,
-                                       max_batches=cfg.data.val_batches, rank=dp_rank, world_size=setup.dp)
+                                       max_batches=cfg.data.val_batches, rank=dp_rank, world_size=setup.dp,
+                                       batch_rows=max(1, round(cfg.batch.global_tokens / setup.seq_len)))
         except ValueError as exc:
             setup.world.log(f"no validation: {exc}")
     return loader, validation
@@ -409,14 +412,19 @@ def validate(run, validation, setup: RunSetup, progress: Progress, log: MetricsL
 @torch.no_grad()
 def evaluate(run, validation, setup: RunSetup) -> dict:
     """Mean loss over the held-out batches (their non-ignored targets); bits per byte and nats per byte from the
-    set's bytes per token when it has one (instruction data has none: its prompts take no loss)."""
+    set's bytes per token when it has one (instruction data has none: its prompts take no loss).
+
+    Token-weighted over every rank: each rank sums its losses and counts its targets not ignored (padding rows
+    count nothing), and the sums are added over all ranks before dividing. Ranks of one tensor- or
+    pipeline-parallel group see the same rows, so each data-parallel share is counted equally often."""
     model = run.module
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in validation.batches():
         batch_total, batch_count = run.eval_loss_sum(to_device(batch, setup.device))
-        total, count = total + batch_total, count + batch_count
+        if batch_count:  # a batch of padding only (a rank past the end of the held-out set) adds nothing
+            total, count = total + batch_total, count + batch_count
     stats = torch.tensor([total, count], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(stats)
