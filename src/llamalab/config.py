@@ -181,7 +181,9 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list | str = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])  # or "wq,wv"
     rslora: bool = False
-    base_dtype: Literal["fp32", "bf16"] = "fp32"  # the frozen weights' storage; the adapters stay fp32
+    # the frozen weights' storage; the adapters stay fp32. "int8": every linear layer's weight int8 with
+    # per-output-channel scales (llamalab.inference.quantize), the embedding and norms fp32 (LoRA only)
+    base_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
 
     def targets(self) -> list[str]:
         names = self.target_modules
@@ -348,6 +350,9 @@ def validate(cfg: Config, where: str = "") -> None:
     if not targets or any(t not in LORA_TARGETS for t in targets):
         raise ConfigError(f"{where}lora.target_modules: expected some of {', '.join(LORA_TARGETS)} (Meta's names), "
                           f"got {cfg.lora.target_modules!r}")
+    if cfg.lora.base_dtype == "int8" and cfg.finetune.method != "lora":
+        raise ConfigError(f"{where}lora.base_dtype: 'int8' freezes the base, so it needs finetune.method = 'lora' "
+                          f"(full fine-tuning trains every weight in fp32); got method {cfg.finetune.method!r}")
     if cfg.run.device not in ("auto", "cpu", "cuda") and not cfg.run.device.startswith("cuda:"):
         raise ConfigError(f"{where}run.device: expected 'auto', 'cpu' or 'cuda', got {cfg.run.device!r}")
     cfg.model_args()  # the model section must build (vocab_size may still come from the tokenizer)

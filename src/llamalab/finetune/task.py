@@ -17,7 +17,7 @@ from ..config import Config, ConfigError
 from ..errors import UserError
 from ..train.trainer import PretrainTask
 from .data import SKIPPED_SHOWN, InstructionLoader, InstructionValidation, load_instructions
-from .lora import apply_lora, split_adapters, trainable_parameters
+from .lora import apply_lora, quantize_base, split_adapters, trainable_parameters
 from .peft_export import merge_adapter, write_adapter
 
 
@@ -79,7 +79,9 @@ class FinetuneTask(PretrainTask):
 
     def build_model(self, cfg: Config, setup):
         """The base's weights in fp32 on every rank (``ParallelRun`` then shards them); under LoRA frozen
-        (stored in ``lora.base_dtype``) and wrapped with fresh adapters."""
+        (stored in ``lora.base_dtype``) and wrapped with fresh adapters. An int8 base is quantized after
+        wrapping, every time the model is built (a resumed run too: the checkpoint holds no int8 tensors),
+        deterministically from the base's fp32 weights."""
         model, _, _ = load_model(self.base, dtype=torch.float32, device=setup.device)
         model.train()
         if cfg.finetune.method == "lora":
@@ -87,9 +89,12 @@ class FinetuneTask(PretrainTask):
             if lora.base_dtype == "bf16":
                 model.to(torch.bfloat16)
             wrapped = apply_lora(model, lora.targets(), lora.rank, lora.alpha, lora.dropout, lora.rslora)
+            if lora.base_dtype == "int8":  # every linear layer, wrapped or not; embedding and norms stay fp32
+                quantize_base(model)
+            int8 = " (every linear layer; embedding and norms fp32)" if lora.base_dtype == "int8" else ""
             setup.world.log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g}{' (rsLoRA)' if lora.rslora else ''} on "
                             f"{len(wrapped)} matrices ({', '.join(lora.targets())}); base weights frozen in "
-                            f"{lora.base_dtype}")
+                            f"{lora.base_dtype}{int8}")
         trainable, total = trainable_parameters(model)
         setup.world.log(f"{self.base}: {trainable:,} of {total:,} parameters trained ({100 * trainable / total:.2f}%)")
         return model
