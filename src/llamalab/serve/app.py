@@ -81,7 +81,7 @@ def create_app(served: Served) -> FastAPI:
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
         elif first.get("type") == "missing":
-            message = f"missing required parameter: {param}"
+            message = f"missing required parameter: {param}" if param else "the request body is missing"
         else:
             message = f"{param}: {message}" if param else message
         return ApiError(400, message, param=param).response()
@@ -91,11 +91,7 @@ def create_app(served: Served) -> FastAPI:
         return ApiError(exc.status_code, str(exc.detail), kind="not_found_error" if exc.status_code == 404
                         else "invalid_request_error").response()
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        served.http[response.status_code] = served.http.get(response.status_code, 0) + 1
-        return response
+    app.add_middleware(CountStatus, counts=served.http)
 
     def authorize(request: Request) -> None:
         if served.api_key is None:
@@ -141,8 +137,10 @@ def create_app(served: Served) -> FastAPI:
         authorize(request)
         if body.messages is not None:
             ids = chat_prompt(served, body.messages)
-        else:
-            ids = served.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+        else:  # "<s>", "</s>" in the text as their ids, as vLLM's Hugging Face tokenizer reads them (lm-eval's
+            # RemoteTokenizer finds the BOS and EOS ids so); other text as tokenizer.encode
+            bos = [served.tokenizer.bos_id] if body.add_special_tokens and served.tokenizer.bos_id >= 0 else []
+            ids = bos + served.chat.encode_text(body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": served.engine.context}
 
     @app.post("/detokenize")
@@ -173,14 +171,34 @@ def create_app(served: Served) -> FastAPI:
         refuse_unsupported(body)
         prompt = chat_prompt(served, body.messages)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if limit is None:
-            limit = served.engine.context - len(prompt)
+        if limit is None:  # the rest of the context (at least 1, so a prompt that fills it is a context error)
+            limit = max(served.engine.context - len(prompt), 1)
         sampling = Sampling(max_tokens=limit, temperature=body.temperature, top_k=body.top_k_or_none(),
                             top_p=body.top_p, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         run = Run(served, "chat.completion", [prompt], sampling, body)
         return await run.respond(request)
 
     return app
+
+
+class CountStatus:
+    """Counts responses by status (for /metrics). A plain ASGI middleware: Starlette's ``@app.middleware("http")``
+    (BaseHTTPMiddleware) hides a client's disconnect from ``request.is_disconnected()``, so a whole (non-streamed)
+    request whose client went away would decode to its end."""
+
+    def __init__(self, app, counts: dict):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] = self.counts.get(message["status"], 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def model_card(served: Served) -> dict:
@@ -318,15 +336,19 @@ class Run:
 
     async def collect(self, request: Request) -> None:
         open_choices = len(self.choices)
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         while open_choices:
             try:
                 index, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                index = None
+            if time.monotonic() >= next_check:  # by the clock: tokens may arrive more often than the poll's timeout
+                next_check = time.monotonic() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     self.cancel()
                     return
-                continue
-            open_choices -= self.choices[index].take(event, self.served.engine)
+            if index is not None:
+                open_choices -= self.choices[index].take(event, self.served.engine)
         errors = [c.error for c in self.choices if c.error]
         if errors:
             raise ApiError(500, f"the server failed while decoding: {errors[0]}", kind="server_error")
@@ -391,6 +413,9 @@ class Run:
             if chat:
                 for c in self.choices:
                     yield self.chunk(c.index, {"role": "assistant", "content": ""})
+            elif self.body.echo and self.sampling.logprobs is None:  # no "prompt" event will come to carry it
+                for c in self.choices:
+                    yield self.chunk(c.index, c.tracker.prompt_text)
             open_choices = len(self.choices)
             while open_choices:
                 index, event = await self.queue.get()

@@ -63,9 +63,9 @@ class ChatFormat:
                                          eos_token=tok.id_to_piece(tok.eos_id) if tok.eos_id >= 0 else "")
         except TemplateError as exc:
             raise ChatTemplateError(f"messages: the chat template refused them: {exc}") from None
-        return self._encode(text)
+        return self.encode_text(text)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
         """``text`` as ids, the special tokens' strings in it as their ids (never split into pieces)."""
         if not self.special:
             return self.tokenizer.encode(text, bos=False)

@@ -216,7 +216,7 @@ class Engine:
         while free and self.waiting:
             request = self.waiting.popleft()
             if request.cancelled:
-                self.counters["cancelled"] += 1
+                self.counters["finished_cancelled"] += 1  # ended: /metrics' requests_finished_total counts it
                 request.sink(Event("finished", reason="cancelled"))
                 continue
             row = free.pop(0)
