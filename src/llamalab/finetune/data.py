@@ -366,22 +366,46 @@ class InstructionLoader:
 
 
 class InstructionValidation:
-    """The held-out examples in fixed batches; with several ranks each global batch is split like the
-    training batches and an incomplete last one is dropped (every rank runs the same number of batches)."""
+    """The held-out examples in fixed batches, the same examples whatever the layout (as ``ValidationSet``).
+
+    The held-out set is the first ``max_batches * batch_rows`` examples in the file's order (all of them when
+    there are fewer, or when ``max_batches`` is None), one example a row: ``batch_rows`` is the unit of
+    ``max_batches``, in rows, and does not depend on the layout (the task passes the training global batch,
+    ``batch.global_tokens / seq_len`` rows, so ``data.val_batches`` counts training global batches of examples;
+    it defaults to ``batch_size``). So every layout -- ``world_size``, ``batch_size`` -- evaluates exactly the
+    same examples.
+
+    ``world_size`` data-parallel ranks split those examples into consecutive shares of ``ceil(n / world_size)``;
+    each rank yields its share in ``(inputs, targets)`` batches of exactly ``batch_size`` rows (pipeline
+    micro-batches split them), as many on every rank (``len``). The rows past the end of a share (the last batch,
+    or a rank with nothing left) are padding: inputs ``pad_id``, targets ``IGNORE_INDEX``, so they take no loss,
+    and the loss summed with the counts of targets not ignored over every rank is the token-weighted mean over
+    exactly the held-out examples.
+    """
 
     def __init__(self, examples: list[Example], *, batch_size: int, seq_len: int, pad_id: int,
-                 max_batches: int | None = None, rank: int = 0, world_size: int = 1):
-        self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
-        self.rank, self.world_size = rank, world_size
-        global_batch = batch_size * world_size
-        n = len(examples) // global_batch if world_size > 1 else -(-len(examples) // global_batch)
-        self.num_batches = n if max_batches is None else min(n, max_batches)
+                 max_batches: int | None = None, rank: int = 0, world_size: int = 1, batch_rows: int | None = None):
+        if batch_size < 1 or (batch_rows is not None and batch_rows < 1):
+            raise ValueError(f"batch_size and batch_rows must be >= 1, got {batch_size} and {batch_rows}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self.rank, self.world_size, self.batch_rows = rank, world_size, batch_rows or batch_size
+        if max_batches is not None:
+            examples = examples[:max_batches * self.batch_rows]
+        self.examples = examples  # the held-out set: the same whatever the layout
+        share = -(-len(examples) // world_size)
+        self.rows = examples[rank * share:(rank + 1) * share]  # this rank's share (may be short or empty)
+        self.num_batches = -(-share // batch_size)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        global_batch = self.batch_size * self.world_size
         for b in range(self.num_batches):
-            first = b * global_batch + self.rank * self.batch_size
-            yield collate([[e] for e in self.examples[first:first + self.batch_size]], self.seq_len, self.pad_id)
+            real = [[e] for e in self.rows[b * self.batch_size:(b + 1) * self.batch_size]]
+            inputs = torch.full((self.batch_size, self.seq_len), self.pad_id, dtype=torch.int64)
+            targets = torch.full((self.batch_size, self.seq_len), IGNORE_INDEX, dtype=torch.int64)
+            if real:
+                inputs[:len(real)], targets[:len(real)] = collate(real, self.seq_len, self.pad_id)
+            yield inputs, targets

@@ -70,11 +70,10 @@ class FinetuneTask(PretrainTask):
         self.loader = InstructionLoader(data.train, seed=cfg.run.seed, packing=ft.packing, **common)
         validation = None
         if data.validation and cfg.data.val_batches:
-            validation = InstructionValidation(data.validation, max_batches=cfg.data.val_batches, **common)
-            if not len(validation):
-                log(f"no validation: {len(data.validation)} held-out examples make no full batch of "
-                    f"{cfg.batch.micro_batch * setup.dp}")
-                validation = None
+            # val_batches counts training global batches of examples (global_tokens / seq_len rows): the same
+            # held-out examples whatever the layout (world size, degrees, micro-batch, accumulation)
+            validation = InstructionValidation(data.validation, max_batches=cfg.data.val_batches, **common,
+                                               batch_rows=max(1, round(cfg.batch.global_tokens / setup.seq_len)))
         return self.loader, validation
 
     def build_model(self, cfg: Config, setup):
