@@ -18,6 +18,7 @@ from typing import Literal
 
 from .fs import read_toml
 from .model.args import ConfigError, ModelArgs, get_preset
+from .model.sizing import Family
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,11 +41,17 @@ class RunConfig:
 class ModelConfig:
     """``preset`` names a shape in ``llamalab.model.PRESETS``; any ``ModelArgs`` field overrides it.
 
-    ``vocab_size`` left unset is taken from the prepared data's tokenizer.
+    ``vocab_size`` left unset is taken from the prepared data's tokenizer. ``size = "budget"``: ``dim``,
+    ``n_layers`` and ``n_heads`` are chosen when the run is set up, from the ``[length]`` budget, as the family
+    shape (``[model.family]``) the scaling law (``law``: a JSON file; "" = the one shipped with llamalab) calls
+    compute-optimal (``llamalab.train.setup``; docs/training.md).
     """
 
     preset: str = "demo"
     overrides: dict = field(default_factory=dict)
+    size: Literal["fixed", "budget"] = "fixed"
+    family: Family | None = None  # size = "budget": the shapes to choose from
+    law: str = ""  # size = "budget": a scaling-law JSON file; "" = llamalab/assets/scaling_law.json
 
 
 @dataclass
@@ -93,6 +100,7 @@ class LengthConfig:
 
     steps: int = 0
     tokens: int = 0
+    flops: float = 0.0  # training FLOPs (6N + attention per token, as scaling sweeps count them); tokens = flops / that
     max_minutes: float = 0.0
 
 
@@ -212,14 +220,24 @@ class Config:
         """Nested plain dict in the TOML layout (model overrides flattened next to ``preset``)."""
         out = dataclasses.asdict(self)
         out["model"] = {"preset": self.model.preset, **self.model.overrides}
+        if self.model.size != "fixed":
+            out["model"].update(size=self.model.size, law=self.model.law, family=self.model.family.to_table())
+        if not self.length.flops:  # written only when used: config.json of other runs is as it was
+            del out["length"]["flops"]
         return out
 
-    def model_args(self, vocab_size: int | None = None) -> ModelArgs:
-        """The preset's shape with the overrides; ``vocab_size`` fills in when the config does not set it."""
+    def model_args(self, vocab_size: int | None = None, shape: dict | None = None) -> ModelArgs:
+        """The preset's shape with the overrides; ``vocab_size`` fills in when the config does not set it.
+        ``shape`` (dim, n_layers, n_heads) is one of a budget-sized config's family shapes; without it, such a
+        config, whose shape is chosen only when the run is set up, gives its largest (an upper bound, as for
+        ``llamalab plan``)."""
+        if self.model.size == "budget" and shape is None:
+            shape = self.model.family.shape(max(self.model.family.dims))
         fields = get_preset(self.model.preset).args.to_dict()
         if vocab_size is not None and "vocab_size" not in self.model.overrides:
             fields["vocab_size"] = vocab_size
         fields.update(self.model.overrides)
+        fields.update(shape or {})
         try:
             return ModelArgs(**fields)
         except ConfigError as exc:
@@ -272,6 +290,9 @@ def _coerce(key: str, value, tp):
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
 
 
+SIZED_BY_BUDGET = ("dim", "n_layers", "n_heads")  # what model.size = "budget" chooses
+
+
 def _build_model_section(table: dict, where: str) -> ModelConfig:
     hints = typing.get_type_hints(ModelArgs)
     preset = table.get("preset", ModelConfig.preset)
@@ -281,14 +302,26 @@ def _build_model_section(table: dict, where: str) -> ModelConfig:
         get_preset(preset)
     except ConfigError as exc:
         raise ConfigError(f"{where}model.preset: {exc}") from None
+    size = _coerce(f"{where}model.size", table.get("size", "fixed"), Literal["fixed", "budget"])
+    law = _coerce(f"{where}model.law", table.get("law", ""), str)
+    family = table.get("family", {})
+    if not isinstance(family, dict):
+        raise ConfigError(f"{where}model.family: expected a [model.family] table, got {family!r}")
+    family = {**family, **{k.split(".", 1)[1]: v for k, v in table.items() if k.startswith("family.")}}
     overrides = {}
     for key, value in table.items():
-        if key == "preset":
+        if key in ("preset", "size", "law", "family") or key.startswith("family."):
             continue
         if key not in hints:
-            raise ConfigError(f"{where}model.{key}: unknown key; expected preset or one of {sorted(hints)}")
+            raise ConfigError(f"{where}model.{key}: unknown key; expected preset, size, family, law or one of "
+                              f"{sorted(hints)}")
+        if size == "budget" and key in SIZED_BY_BUDGET:
+            raise ConfigError(f"{where}model.{key}: chosen by model.size = 'budget'; remove it, or set "
+                              "model.size = 'fixed'")
         overrides[key] = _coerce(f"{where}model.{key}", value, hints[key])
-    return ModelConfig(preset=preset, overrides=overrides)
+    family = Family.from_table(family, f"{where}model.family")  # checked even when unused (size = "fixed")
+    return ModelConfig(preset=preset, overrides=overrides, size=size, law=law,
+                       family=family if size == "budget" else None)
 
 
 def config_from_dict(data: dict, where: str = "") -> Config:
@@ -327,7 +360,8 @@ def validate(cfg: Config, where: str = "") -> None:
         if not value > 0:
             raise ConfigError(f"{where}{key}: must be positive, got {value!r}")
     non_negative = [("length.steps", cfg.length.steps), ("length.tokens", cfg.length.tokens),
-                    ("length.max_minutes", cfg.length.max_minutes), ("schedule.warmup_steps", cfg.schedule.warmup_steps),
+                    ("length.max_minutes", cfg.length.max_minutes), ("length.flops", cfg.length.flops),
+                    ("schedule.warmup_steps", cfg.schedule.warmup_steps),
                     ("checkpoint.every", cfg.checkpoint.every), ("logging.val_every", cfg.logging.val_every),
                     ("data.seq_len", cfg.data.seq_len), ("data.val_batches", cfg.data.val_batches),
                     ("optimizer.weight_decay", cfg.optimizer.weight_decay), ("optimizer.grad_clip", cfg.optimizer.grad_clip),
@@ -340,8 +374,8 @@ def validate(cfg: Config, where: str = "") -> None:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg.optimizer, key) < 1.0:
             raise ConfigError(f"{where}optimizer.{key}: must be in [0, 1), got {getattr(cfg.optimizer, key)}")
-    if not (cfg.length.steps or cfg.length.tokens or cfg.length.max_minutes):
-        raise ConfigError(f"{where}length: set steps, tokens or max_minutes")
+    if not (cfg.length.steps or cfg.length.tokens or cfg.length.flops or cfg.length.max_minutes):
+        raise ConfigError(f"{where}length: set steps, tokens, flops or max_minutes")
     for key, value in (("finetune.validation_fraction", cfg.finetune.validation_fraction),
                        ("lora.dropout", cfg.lora.dropout)):
         if not 0.0 <= value < 1.0:
@@ -355,7 +389,14 @@ def validate(cfg: Config, where: str = "") -> None:
                           f"(full fine-tuning trains every weight in fp32); got method {cfg.finetune.method!r}")
     if cfg.run.device not in ("auto", "cpu", "cuda") and not cfg.run.device.startswith("cuda:"):
         raise ConfigError(f"{where}run.device: expected 'auto', 'cpu' or 'cuda', got {cfg.run.device!r}")
-    cfg.model_args()  # the model section must build (vocab_size may still come from the tokenizer)
+    if cfg.model.size == "budget":  # every shape it may choose must build
+        for i, dim in enumerate(cfg.model.family.dims):
+            try:
+                cfg.model_args(shape=cfg.model.family.shape(dim))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}model.family.dims[{i}]: dim {dim}: {exc}") from None
+    else:
+        cfg.model_args()  # the model section must build (vocab_size may still come from the tokenizer)
 
 
 def parse_value(text: str):

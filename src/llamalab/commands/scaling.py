@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = actions.add_parser("report", help="fit the finished runs and write <out_dir>/report/")
     report.add_argument("sweep")
     report.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamplings for the intervals")
+    report.add_argument("--export-law", metavar="PATH",
+                        help="also write the fitted Approach 2 law, with its provenance, as the scaling-law JSON "
+                             "that [model] size = \"budget\" reads (the shipped one: "
+                             "src/llamalab/assets/scaling_law.json)")
     return parser
 
 
@@ -49,7 +53,7 @@ def print_status(plan) -> None:
 
 def main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
-    from ..scaling.report import write_report
+    from ..scaling.report import export_law, write_report
     from ..scaling.runner import result, run_sweep
     from ..scaling.sweep import load_sweep, plan
 
@@ -63,6 +67,8 @@ def main(argv: list[str]) -> int:
         return 0
     if ns.action == "report":
         print(write_report(sweep_plan, bootstrap=ns.bootstrap) / "report.md")
+        if ns.export_law:
+            print(f"scaling law: {export_law(sweep_plan.sweep, ns.export_law)}")
         return 0
     _, failed = run_sweep(sweep_plan, workers=ns.workers)
     if not ns.no_report and any(result(sweep_plan, run) for run in sweep_plan.runs):

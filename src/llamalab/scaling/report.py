@@ -2,12 +2,14 @@
 
 ``report.md`` (the accounting convention, every run, the fits, the held-out check, the LLaMA trade-off) with its
 plots (``isoflop.png``, ``loss_vs_flops.png``, ``optimal.png``, ``total_cost.png``), ``runs.csv`` (every planned
-run, finished or not) and ``fits.json`` (the fitted numbers).
+run, finished or not) and ``fits.json`` (the fitted numbers). ``export_law`` turns ``fits.json``'s Approach 2
+law into the scaling-law JSON that budget-sized training configs read (``llamalab.model.sizing``).
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 from dataclasses import dataclass
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fs import atomic_write_dir
+from ..fs import atomic_write_bytes, atomic_write_dir
+from ..model.sizing import law_document
 from . import fits
 from .runner import RunResult, result, run_status
-from .sweep import Plan, SweepError, budget_label
+from .sweep import Plan, Sweep, SweepError, budget_label
 
 REPORT_FILES = ("report.md", "runs.csv", "fits.json", "*.png")
 SERVED_MULTIPLES = (1.0, 10.0, 100.0, 1000.0)  # tokens served, in units of the compute-optimal model's D
@@ -135,6 +138,57 @@ def fits_json(plan: Plan, fitted: Fitted) -> dict:
          "training_flops": c.training_flops, "inference_flops_per_token": c.inference_flops_per_token}
         for c in fitted.choices]}
     return out
+
+
+def law_from_fits(fitted: dict, sweep: Sweep, date: str | None = None) -> dict:
+    """The scaling-law JSON (``llamalab/assets/scaling_law.json``'s layout) of a report's ``fits.json``: its
+    Approach 2 law N_opt(C), with where it comes from."""
+    a2 = fitted.get("approach2") or {}
+    law = a2.get("n_opt")
+    where = sweep.out_dir / "report" / "fits.json"
+    if not law:
+        raise SweepError(f"{where}: no Approach 2 law of N_opt (it needs IsoFLOP minima at two budgets or more); "
+                         "nothing to export")
+    if not 0 < law["exponent"] < 1:
+        raise SweepError(f"{where}: the fitted exponent of N_opt, {law['exponent']:.3g}, is outside (0, 1); not "
+                         "a law a model can be sized by")
+    date = date or datetime.date.today().isoformat()
+    budgets = f"{min(sweep.budgets):.3g}-{max(sweep.budgets):.3g} FLOPs"
+    interval = law.get("exponent_interval")
+    provenance = {
+        "status": "fitted",
+        "summary": f"fitted by llamalab on {date}: Approach 2 of the sweep {sweep.path} ({fitted['finished_runs']} "
+                   f"runs, budgets {budgets}), exponent {law['exponent']:.3f}"
+                   + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else ""),
+        "source": f"llamalab scaling sweep {sweep.path}, report {where}",
+        "sweep": str(sweep.path),
+        "out_dir": str(sweep.out_dir),
+        "budgets": list(sweep.budgets),
+        "shapes": [shape.label for shape in sweep.shapes],
+        "finished_runs": fitted["finished_runs"],
+        "planned_runs": fitted.get("planned_runs"),
+        "date": date,
+        "accounting": fitted["accounting"],
+        "fit_method": "Approach 2 (Hoffmann et al. 2022): at each budget a parabola of the final validation loss "
+                      "in log10 N, its minimum N_opt(C); then log10 N_opt = log10_coefficient + exponent log10 C "
+                      "by least squares",
+        "exponent_interval": interval,
+        "interval_percentiles": fitted.get("percentiles"),
+        "bootstrap_fits": a2.get("bootstrap_fits"),
+        "d_opt": a2.get("d_opt"),
+        "tokens_per_param_at_largest_budget": a2.get("tokens_per_param_at_largest_budget"),
+        "profiles": a2.get("profiles"),
+    }
+    return law_document(law["exponent"], law["log10_coefficient"], fitted["accounting"], provenance, interval)
+
+
+def export_law(sweep: Sweep, path: str | Path, date: str | None = None) -> Path:
+    """Write the law of the sweep's report (``<out_dir>/report/fits.json``) to ``path``."""
+    source = sweep.out_dir / "report" / "fits.json"
+    if not source.is_file():
+        raise SweepError(f"{source}: no report to export a law from; run `llamalab scaling report {sweep.path}`")
+    document = law_from_fits(json.loads(source.read_text()), sweep, date)
+    return atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 def _law(law: fits.PowerLaw | None, interval) -> dict | None:

@@ -48,9 +48,9 @@ from ..config import Config, ConfigError, LengthConfig, load_config
 from ..errors import UserError
 from ..fs import check_output_folder, read_toml
 from ..model.args import ModelArgs
-from ..train.setup import RUN_FILES, Distributed, prepare_data, total_steps
+from ..model.sizing import ACCOUNTINGS, counted_params, family_shape, flops_per_token
+from ..train.setup import RUN_FILES, Distributed, prepare_data, total_steps, train_tokens
 
-ACCOUNTINGS = ("total", "non_embedding")
 SWEEP_FILES = ("runs", "logs", "report", ".*.tmp-*", ".*.old-*")  # all a sweep folder holds
 TOP_KEYS = {"base", "out_dir", "budgets", "seeds", "accounting", "min_steps", "tokens_per_param", "overrides",
             "family", "shapes", "schedule"}
@@ -64,20 +64,6 @@ SET_BY_SWEEP = {"run.out_dir", "run.name", "run.seed", "model.dim", "model.n_lay
 
 class SweepError(UserError):
     """A sweep file that cannot be run; the message names the file and the key."""
-
-
-def counted_params(args: ModelArgs, accounting: str) -> int:
-    """N of the compute convention: every parameter, embedding and output tables included ("total", Pearce &
-    Song 2024, which reconciles Kaplan's and Chinchilla's exponents), or without those two tables
-    ("non_embedding", Kaplan et al. 2020)."""
-    total = args.num_params()
-    return total if accounting == "total" else total - 2 * args.vocab_size * args.dim
-
-
-def flops_per_token(args: ModelArgs, seq_len: int, accounting: str) -> float:
-    """6N + 12 n_layers dim seq: forward and backward through the weights plus attention's score and value
-    products."""
-    return 6.0 * counted_params(args, accounting) + 12.0 * args.n_layers * args.dim * seq_len
 
 
 def budget_label(flops: float) -> str:
@@ -300,8 +286,9 @@ def _family(table: dict, where: str) -> list[Shape]:
     for i, dim in enumerate(dims):
         if dim % head_dim:
             _fail(f"{where}: family.dims[{i}]", f"{dim} is not a multiple of head_dim {head_dim}")
-        shapes.append(Shape(dim=dim, n_layers=max(1, round(dim / aspect)), n_heads=dim // head_dim,
-                            multiple_of=multiple_of, where=f"family.dims[{i}]"))
+        n_layers, n_heads = family_shape(dim, aspect, head_dim)
+        shapes.append(Shape(dim=dim, n_layers=n_layers, n_heads=n_heads, multiple_of=multiple_of,
+                            where=f"family.dims[{i}]"))
     return shapes
 
 
@@ -413,8 +400,7 @@ def plan(sweep: Sweep) -> Plan:
 
     data_dir = prepare_data(base_cfg, Distributed())
     manifest = load_manifest(data_dir)
-    train_tokens = manifest.get("totals", {}).get("train_tokens") or sum(
-        s["splits"]["train"]["tokens"] for s in manifest["sources"].values())
+    available = train_tokens(data_dir)
     sized = sorted((_size(sweep, shape, manifest["vocab_size"]) for shape in sweep.shapes), key=lambda s: s.params)
     runs, left_out = [], []
     for i, budget in enumerate(sweep.budgets):
@@ -442,7 +428,7 @@ def plan(sweep: Sweep) -> Plan:
         if not chosen:
             _fail(sweep.key(f"budgets[{i}]"), f"no shape is left at {label} FLOPs: "
                   + "; ".join(note for note in left_out if note.startswith(f"{label} ")))
-    return Plan(sweep=sweep, runs=tuple(runs), left_out=tuple(left_out), train_tokens=int(train_tokens))
+    return Plan(sweep=sweep, runs=tuple(runs), left_out=tuple(left_out), train_tokens=available)
 
 
 def _size(sweep: Sweep, shape: Shape, vocab_size: int) -> SizedShape:
