@@ -196,6 +196,34 @@ def test_explicit_shapes_run_only_at_their_budgets(setup):
     assert planned.runs[-1].args.n_kv_heads == 2
 
 
+def test_noise_seeds_repeat_every_shape_at_their_budgets_only(setup):
+    tmp, base = setup
+    planned = plan(load_sweep(write_sweep(tmp / "noise.toml", base, tmp / "noise",
+                                          noise={"budgets": [1.5e9], "seeds": [1, 2]})))
+    seeds = {}
+    for run in planned.runs:
+        seeds.setdefault((run.budget, run.shape.label), []).append(run.seed)
+    assert {key: sorted(v) for key, v in seeds.items()} == {
+        (b, s): [0] if b == 5e8 else [0, 1, 2] for b in BUDGETS for s in ("d16l1h2", "d32l2h4", "d64l4h8")}
+    same = [r for r in planned.runs if r.budget == 1.5e9 and r.shape.label == "d16l1h2"]
+    assert len({r.tokens for r in same}) == 1 and [r.name for r in same][1:] == ["1.5e9-d16l1h2-s1", "1.5e9-d16l1h2-s2"]
+
+
+def test_report_sizes_the_noise_of_repeated_runs():
+    from types import SimpleNamespace
+
+    from llamalab.scaling.report import noise_section
+
+    def result(budget, label, loss):
+        return SimpleNamespace(run=SimpleNamespace(budget=budget, shape=SimpleNamespace(label=label)), val_loss=loss)
+
+    lines = noise_section([result(1e9, "a", 2.0), result(1e9, "a", 2.2), result(1e9, "a", 2.4), result(1e9, "b", 3.0),
+                           result(3e9, "a", 1.0)])
+    rows = [line for line in lines if line.startswith("| 1e9")]
+    assert rows == ["| 1e9 | a | 3 | 2.2000 | 0.2000 | 0.4000 |"]  # sample std of 2.0, 2.2, 2.4
+    assert noise_section([result(1e9, "a", 2.0), result(3e9, "a", 1.0)]) == []
+
+
 # (id, changes to the test sweep, what the one error line names); {tmp} is the module's folder
 BAD = [
     ("unknown-key", {"budget": [1e9]}, "budget: unknown key"),
@@ -214,6 +242,10 @@ BAD = [
     ("bad-accounting", {"accounting": "kaplan"}, "accounting: expected one of 'total', 'non_embedding'"),
     ("missing-base", {"base": "{tmp}/nope.toml"}, "base: {tmp}/nope.toml: no such training config"),
     ("negative-budget", {"budgets": [-1.0]}, "budgets[0]: expected a positive number, got -1.0"),
+    ("noise-budget-not-swept", {"noise": {"budgets": [1e10], "seeds": [1]}},
+     "noise.budgets[0]: 1e10 is not one of the sweep's budgets"),
+    ("noise-seed-twice", {"noise": {"budgets": [5e8], "seeds": [0]}}, "noise.seeds: seed 0 is given twice"),
+    ("noise-unknown-key", {"noise": {"budgets": [5e8], "seed": [1]}}, "noise.seed: unknown key"),
 ]
 
 

@@ -290,6 +290,28 @@ def _error(predicted: float, observed: float) -> str:
     return f"{100 * (predicted / observed - 1):+.1f}%"
 
 
+def noise_section(results: list[RunResult]) -> list[str]:
+    """Markdown lines on run-to-run noise: every (budget, shape) trained with several seeds ([noise])."""
+    groups: dict[tuple[float, str], list[float]] = {}
+    for r in results:
+        groups.setdefault((r.run.budget, r.run.shape.label), []).append(r.val_loss)
+    repeated = {key: losses for key, losses in groups.items() if len(losses) > 1}
+    if not repeated:
+        return []
+    lines = ["## Run-to-run noise", "",
+             "The same budget and shape trained with different seeds (initialisation and data order):", "",
+             "| budget | shape | seeds | mean val loss | std | range |", "|---|---|---|---|---|---|"]
+    stds = []
+    for (budget, label), losses in sorted(repeated.items()):
+        std = float(np.std(losses, ddof=1))
+        stds.append(std)
+        lines.append(f"| {budget_label(budget)} | {label} | {len(losses)} | {np.mean(losses):.4f} | {std:.4f} | "
+                     f"{max(losses) - min(losses):.4f} |")
+    lines += ["", f"Median standard deviation across seeds: {np.median(stds):.4f} nats: differences between runs "
+              "smaller than about twice that are within noise.", ""]
+    return lines
+
+
 def markdown(plan: Plan, fitted: Fitted) -> str:
     sweep, a2, a3 = plan.sweep, fitted.approach2, fitted.approach3
     runs = plan.runs
@@ -318,7 +340,9 @@ def markdown(plan: Plan, fitted: Fitted) -> str:
                      + (f"{100 * over / r.train_seconds:.0f}% of training" if over is not None and r.train_seconds
                         else "") + " |")
     lines += ["", "Overhead: wall time (start-up, validation, checkpoints) beyond the training time in the "
-              "metrics. Full table: `runs.csv`.", "", "![loss against FLOPs](loss_vs_flops.png)", "",
+              "metrics. Full table: `runs.csv`.", ""]
+    lines += noise_section(fitted.results)
+    lines += ["![loss against FLOPs](loss_vs_flops.png)", "",
               "## IsoFLOP profiles (Approach 2)", "", "![IsoFLOP profiles](isoflop.png)", ""]
     if a2.profiles:
         lines += ["| budget | N_opt | D_opt | D_opt / N_opt | loss at N_opt |", "|---|---|---|---|---|"]

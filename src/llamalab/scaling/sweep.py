@@ -11,6 +11,10 @@ A sweep is TOML; paths are relative to the current directory, as in a training c
     min_steps = 10                  # a shape that would get fewer optimizer steps at a budget is left out
     tokens_per_param = [2, 200]     # optional: at each budget, only the shapes whose D/N falls in here
 
+    [noise]                         # optional: more seeds at some budgets, to size run-to-run noise
+    budgets = [3e12]
+    seeds = [1, 2]
+
     [overrides]                     # --section.key values for every run
     data.recipe = "configs/data/scaling.toml"
 
@@ -53,7 +57,7 @@ from ..train.setup import RUN_FILES, Distributed, prepare_data, total_steps, tra
 
 SWEEP_FILES = ("runs", "logs", "report", ".*.tmp-*", ".*.old-*")  # all a sweep folder holds
 TOP_KEYS = {"base", "out_dir", "budgets", "seeds", "accounting", "min_steps", "tokens_per_param", "overrides",
-            "family", "shapes", "schedule"}
+            "family", "shapes", "schedule", "noise"}
 FAMILY_KEYS = {"dims", "aspect_ratio", "head_dim", "multiple_of"}
 SHAPE_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "budgets"}
 SCHEDULE_KEYS = {"lr", "lr_params", "lr_exponent", "warmup_fraction"}
@@ -128,6 +132,7 @@ class Sweep:
     accounting: str
     min_steps: int
     tokens_per_param: tuple[float, float] | None
+    noise: dict[str, tuple[int, ...]]  # budget label -> the seeds run there beyond ``seeds`` ([noise])
     overrides: tuple[str, ...]  # --section.key VALUE pairs from [overrides]
     shapes: tuple[Shape, ...]
     schedule: LearningRateRule
@@ -213,6 +218,31 @@ def _seed(value, where: str) -> int:
     return value
 
 
+def _noise(table, where: str, labels: list[str], seeds: list[int]) -> dict[str, tuple[int, ...]]:
+    """``[noise]``: budget label -> extra seeds, checked against the budgets and ``seeds``."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        _fail(f"{where}: noise", f"expected a [noise] table with budgets and seeds, got {table!r}")
+    unknown = sorted(set(table) - {"budgets", "seeds"})
+    if unknown:
+        _fail(f"{where}: noise.{unknown[0]}", "unknown key; [noise] has budgets and seeds")
+    for key in ("budgets", "seeds"):
+        if key not in table:
+            _fail(f"{where}: noise.{key}", "missing ([noise] needs budgets and seeds)")
+    extra = _list(table["seeds"], f"{where}: noise.seeds", _seed)
+    twice = sorted(set(extra) & set(seeds)) or sorted({x for x in extra if extra.count(x) > 1})
+    if twice:
+        _fail(f"{where}: noise.seeds", f"seed {twice[0]} is given twice (with seeds, or within noise.seeds)")
+    out = {}
+    for i, budget in enumerate(_list(table["budgets"], f"{where}: noise.budgets")):
+        label = budget_label(budget)
+        if label not in labels:
+            _fail(f"{where}: noise.budgets[{i}]", f"{label} is not one of the sweep's budgets ({', '.join(labels)})")
+        out[label] = tuple(extra)
+    return out
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and check a sweep file; every mistake is a ``SweepError`` naming the file and the key."""
     path = Path(path)
@@ -249,8 +279,9 @@ def load_sweep(path: str | Path) -> Sweep:
             _fail(f"{where}: tokens_per_param", f"expected [low, high] with low < high, got {window}")
         window = tuple(float(w) for w in window)
     shapes = _shapes(data, where, labels)
+    noise = _noise(data.get("noise"), where, labels, seeds)
     return Sweep(path=path, base=base, out_dir=Path(data["out_dir"]), budgets=tuple(float(b) for b in budgets),
-                 seeds=tuple(seeds), accounting=accounting, min_steps=min_steps, tokens_per_param=window,
+                 seeds=tuple(seeds), noise=noise, accounting=accounting, min_steps=min_steps, tokens_per_param=window,
                  overrides=_override_args(data, where, shapes), shapes=shapes, schedule=_schedule(data, where))
 
 
@@ -424,7 +455,8 @@ def plan(sweep: Sweep) -> Plan:
                                 f"tokens_per_param")
             else:
                 chosen += 1
-                runs += [_run(sweep, s, budget, seed, tokens, steps, base_cfg.optimizer.lr) for seed in sweep.seeds]
+                runs += [_run(sweep, s, budget, seed, tokens, steps, base_cfg.optimizer.lr)
+                         for seed in sweep.seeds + sweep.noise.get(label, ())]
         if not chosen:
             _fail(sweep.key(f"budgets[{i}]"), f"no shape is left at {label} FLOPs: "
                   + "; ".join(note for note in left_out if note.startswith(f"{label} ")))
