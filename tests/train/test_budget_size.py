@@ -184,13 +184,18 @@ def test_length_flops_sizes_a_fixed_model_too(make_config):
     assert setup.n_steps == math.ceil(1e9 / expected / STEP_TOKENS) and setup.sizing is None
 
 
-def test_the_shipped_law_is_chinchillas_20_tokens_per_parameter_with_its_provenance():
+def test_the_shipped_law_is_the_cpu_sweeps_approach2_fit_with_its_provenance():
     law = ScalingLaw.load()
     assert law.path == LAW_ASSET and law.accounting == "total"
-    assert law.n_opt(120 * 1e6**2) == pytest.approx(1e6)  # N_opt = sqrt(C / 120): C = 6 N (20 N)
+    prov = law.provenance
     for key in ("source", "sweep", "date", "accounting", "fit_method", "exponent_interval"):
-        assert key in law.provenance
-    assert "provisional" in law.describe()
+        assert key in prov
+    assert prov["status"] == "fitted" and prov["sweep"] == "configs/scaling/cpu.toml"
+    low, high = prov["exponent_interval"]
+    assert low < law.exponent < high
+    # the power law passes through the sweep's IsoFLOP minima (a least-squares line in log-log: within 2x here)
+    for profile in prov["profiles"]:
+        assert 0.5 < law.n_opt(profile["budget"]) / profile["n_opt"] < 2.0
 
 
 def test_a_sweeps_fits_export_as_a_law_the_chooser_reads(tmp_path, budget_config):
@@ -198,7 +203,7 @@ def test_a_sweeps_fits_export_as_a_law_the_chooser_reads(tmp_path, budget_config
     from llamalab.scaling.sweep import Shape, Sweep
 
     sweep = Sweep(path=tmp_path / "s.toml", base=tmp_path / "b.toml", out_dir=tmp_path / "sweep", budgets=(1e9, 3e9),
-                  seeds=(0,), accounting="total", min_steps=1, tokens_per_param=None, overrides=(),
+                  seeds=(0,), noise={}, accounting="total", min_steps=1, tokens_per_param=None, overrides=(),
                   shapes=(Shape(16, 1, 2), Shape(32, 2, 4)), schedule=None)
     (sweep.out_dir / "report").mkdir(parents=True)
     fits = {"accounting": "total", "finished_runs": 6, "planned_runs": 6, "percentiles": [10.0, 90.0],

@@ -75,7 +75,7 @@ def write_report(plan: Plan, bootstrap: int = 1000) -> Path:
 
     def write(folder: Path) -> None:
         (folder / "runs.csv").write_text(runs_csv(plan, results))
-        (folder / "fits.json").write_text(json.dumps(fits_json(plan, fitted), indent=2) + "\n")
+        (folder / "fits.json").write_text(strict_json(fits_json(plan, fitted)))
         plot_all(folder, plan, fitted)
         (folder / "report.md").write_text(markdown(plan, fitted))
 
@@ -182,13 +182,28 @@ def law_from_fits(fitted: dict, sweep: Sweep, date: str | None = None) -> dict:
     return law_document(law["exponent"], law["log10_coefficient"], fitted["accounting"], provenance, interval)
 
 
+def strict_json(document) -> str:
+    """``document`` as standard JSON: a number a fit could not give (NaN, infinity) is null."""
+
+    def clean(value):
+        if isinstance(value, float) and not np.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(document), indent=2, allow_nan=False) + "\n"
+
+
 def export_law(sweep: Sweep, path: str | Path, date: str | None = None) -> Path:
     """Write the law of the sweep's report (``<out_dir>/report/fits.json``) to ``path``."""
     source = sweep.out_dir / "report" / "fits.json"
     if not source.is_file():
         raise SweepError(f"{source}: no report to export a law from; run `llamalab scaling report {sweep.path}`")
     document = law_from_fits(json.loads(source.read_text()), sweep, date)
-    return atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
+    return atomic_write_bytes(path, strict_json(document).encode())
 
 
 def _law(law: fits.PowerLaw | None, interval) -> dict | None:
