@@ -2,8 +2,8 @@
 Chinchilla fits through them (docs/scaling-laws.md).
 
 ``run`` trains every run of the sweep that has not finished (resuming interrupted ones), ``--workers N`` at a
-time, then writes the report; ``status`` says where each run stands; ``report`` fits the finished runs and
-writes ``<out_dir>/report/``.
+time, as local processes or, with ``--executor slurm``, as Slurm jobs through submitit, then writes the report;
+``status`` says where each run stands; ``report`` fits the finished runs and writes ``<out_dir>/report/``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,27 @@ def build_parser() -> argparse.ArgumentParser:
     actions = parser.add_subparsers(dest="action", required=True)
     run = actions.add_parser("run", help="train the runs that have not finished, then write the report")
     run.add_argument("sweep", help="sweep TOML (see configs/scaling/cpu.toml)")
-    run.add_argument("--workers", type=int, default=1,
-                     help="runs trained at once, as local processes sharing the CPU threads (default 1)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="runs trained at once: local processes sharing the CPU threads (default 1), or jobs "
+                          "in flight (default: all with slurm, 1 with submitit-local)")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    farm = run.add_argument_group("executors", "where the runs train: each one the same `llamalab train` command")
+    farm.add_argument("--executor", choices=EXECUTORS, default="local",
+                      help="local: subprocesses of this one (default); slurm: one Slurm job per run, through "
+                           "submitit (pip install 'llamalab[slurm]'); submitit-local: submitit's local executor, "
+                           "the same jobs on this machine")
+    farm.add_argument("--submitit-folder", metavar="DIR",
+                      help="submitit's job files and logs (default <out_dir>/logs/submitit)")
+    farm.add_argument("--slurm-partition", metavar="NAME")
+    farm.add_argument("--slurm-time", type=int, metavar="MINUTES", default=24 * 60,
+                      help="each job's time limit (default 1440; submitit-local too); an interrupted run resumes "
+                           "when the sweep is run again")
+    farm.add_argument("--slurm-cpus", type=int, metavar="N",
+                      help="CPUs per job (cpus_per_task), the run's threads")
+    farm.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per job (gpus_per_node)")
+    farm.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other parameter of submitit's Slurm executor (slurm_KEY), e.g. qos=high, "
+                           "account=lab, mem=32GB, constraint=a100; repeat for more")
     status = actions.add_parser("status", help="where each run of the sweep stands")
     status.add_argument("sweep")
     report = actions.add_parser("report", help="fit the finished runs and write <out_dir>/report/")
@@ -33,6 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
                              "that [model] size = \"budget\" reads (the shipped one: "
                              "src/llamalab/assets/scaling_law.json)")
     return parser
+
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+
+
+def _parameter(text: str) -> tuple[str, object]:
+    """``--slurm KEY=VALUE``: the value as an int, float or bool where it reads as one, else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--slurm: expected KEY=VALUE, got {text!r}")
+    for convert in (int, float):
+        try:
+            return key.strip(), convert(value)
+        except ValueError:
+            pass
+    return key.strip(), {"true": True, "false": False}.get(value.lower(), value)
+
+
+def make_executor(ns, sweep):
+    """The executor ``--executor`` names, with its options."""
+    from ..scaling.runner import LocalPool, SubmititExecutor
+
+    if ns.executor == "local":
+        return LocalPool(ns.workers or 1)
+    folder = ns.submitit_folder or sweep.out_dir / "logs" / "submitit"
+    return SubmititExecutor("slurm" if ns.executor == "slurm" else "local", folder,
+                            workers=ns.workers or (None if ns.executor == "slurm" else 1),
+                            timeout_min=ns.slurm_time, cpus=ns.slurm_cpus, gpus=ns.slurm_gpus,
+                            partition=ns.slurm_partition, slurm=dict(_parameter(p) for p in ns.slurm))
 
 
 def print_status(plan) -> None:
@@ -57,8 +104,11 @@ def main(argv: list[str]) -> int:
     from ..scaling.runner import result, run_sweep
     from ..scaling.sweep import load_sweep, plan
 
-    if ns.action == "run" and ns.workers < 1:
-        raise UserError(f"--workers: expected at least 1, got {ns.workers}")
+    if ns.action == "run":
+        for flag, value, least in (("--workers", ns.workers, 1), ("--slurm-time", ns.slurm_time, 1),
+                                   ("--slurm-cpus", ns.slurm_cpus, 1), ("--slurm-gpus", ns.slurm_gpus, 0)):
+            if value is not None and value < least:
+                raise UserError(f"{flag}: expected at least {least}, got {value}")
     if ns.action == "report" and ns.bootstrap < 0:
         raise UserError(f"--bootstrap: expected 0 or more, got {ns.bootstrap}")
     sweep_plan = plan(load_sweep(ns.sweep))
@@ -70,7 +120,7 @@ def main(argv: list[str]) -> int:
         if ns.export_law:
             print(f"scaling law: {export_law(sweep_plan.sweep, ns.export_law)}")
         return 0
-    _, failed = run_sweep(sweep_plan, workers=ns.workers)
+    _, failed = run_sweep(sweep_plan, executor=make_executor(ns, sweep_plan.sweep))
     if not ns.no_report and any(result(sweep_plan, run) for run in sweep_plan.runs):
         print(f"report: {write_report(sweep_plan) / 'report.md'}")
     if failed:

@@ -6,6 +6,11 @@ which continues from its newest intact checkpoint. A run folder may hold only wh
 so each run's console output goes to ``logs/<run>.log`` and each launch (command, threads, wall time, exit
 status) is recorded in ``logs/<run>.json``: the wall time, against the training time in the metrics, is the
 run's overhead.
+
+Where the runs are trained is an executor's business: ``LocalPool`` starts them as subprocesses of this one,
+``SubmititExecutor`` as jobs of a scheduler (Slurm, or submitit's own local executor) through ``submitit``, an
+optional extra. Either runs the same command line into the same log and records the launch the same way (a job
+adds its id); skipping, resuming and reporting failures do not depend on it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..errors import UserError
 from ..fs import atomic_write_bytes
 from ..train.checkpoint import list_checkpoints, step_dir_name
 from ..train.metrics import read_metrics
@@ -121,18 +127,169 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a launch ended: the run's exit status and wall time, or, for a job that never reported back (cancelled,
+    timed out, its node lost), ``error``."""
+
+    returncode: int | None
+    wall_s: float | None
+    threads: int | None = None
+    error: str = ""
+
+
+def _spawn(command: list[str], log_path: Path, threads: int | None) -> tuple[subprocess.Popen, TextIO]:
+    """Start ``command`` with its output appended to ``log_path``, on ``threads`` CPU threads (None: as set)."""
+    env = dict(os.environ) if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads),
+                                                         MKL_NUM_THREADS=str(threads))
+    log = open(log_path, "a")
+    log.write(f"$ OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {subprocess.list2cmdline(command)}\n")
+    log.flush()
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def run_logged(command: list[str], log_path: str, threads: int | None) -> dict:
+    """What a submitit job runs: ``command`` to its end, output appended to ``log_path``; threads None takes the
+    CPUs Slurm gave the job (all this machine's otherwise). Returns the launch's exit status, wall time, threads."""
+    if threads is None:
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or available_cpus()
+    started = time.perf_counter()
+    process, log = _spawn(command, Path(log_path), threads)
+    try:
+        with log:
+            returncode = process.wait()
+    except BaseException:  # cancelled or timed out: stop the run with the job
+        process.terminate()
+        process.wait()
+        raise
+    return {"returncode": returncode, "wall_s": round(time.perf_counter() - started, 3), "threads": threads}
+
+
+class _Process:
+    """A run trained by a subprocess of this one."""
+
+    job_id = None
+
+    def __init__(self, command: list[str], log_path: Path, threads: int):
+        self.threads, self.started = threads, time.perf_counter()
+        self.process, self.log = _spawn(command, log_path, threads)
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def cancel(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+    def outcome(self) -> Outcome:
+        self.log.close()
+        return Outcome(self.process.returncode, round(time.perf_counter() - self.started, 3), self.threads)
+
+
+class LocalPool:
+    """The runs as subprocesses of this process, ``workers`` at a time, the CPU threads split between them."""
+
+    name = "local"
+    poll_seconds = POLL_SECONDS
+
+    def __init__(self, workers: int = 1):
+        self.workers = workers
+
+    def threads(self) -> int:
+        return max(1, available_cpus() // self.workers)
+
+    def start(self, run: PlannedRun, command: list[str], log_path: Path) -> _Process:
+        return _Process(command, log_path, self.threads())
+
+
+class _Job:
+    """A run trained by a submitit job (``run_logged``)."""
+
+    def __init__(self, job, threads: int | None):
+        self.job, self.job_id, self.threads = job, str(job.job_id), threads
+
+    def done(self) -> bool:
+        return self.job.done()
+
+    def cancel(self) -> None:
+        self.job.cancel(check=False)
+
+    def outcome(self) -> Outcome:
+        if not self.job.done():  # cancelled: do not wait for the scheduler to say so
+            return Outcome(None, None, self.threads, error=f"job {self.job_id} cancelled")
+        try:
+            return Outcome(**self.job.result())
+        except Exception as error:  # the job, not the run, failed: timed out, lost its node, could not start it
+            # submitit's message: "Job ... has not produced any output (state: TIMEOUT)\n...", or the job's
+            # traceback, its exception last, then "You can check full logs ..."
+            lines = [line for line in str(error).split("\nYou can check")[0].splitlines() if line.strip("- ")]
+            why = lines[1] if len(lines) > 1 and "has not produced any output" in lines[1] else (
+                lines[-1] if lines else type(error).__name__)
+            return Outcome(None, None, self.threads, error=f"job {self.job_id}: {why.strip()}; see "
+                                                           f"{self.job.paths.stderr}")
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--executor: submitit is not installed; pip install 'llamalab[slurm]' "
+                        "(or 'submitit>=1.5')") from None
+    return submitit
+
+
+class SubmititExecutor:
+    """The runs as submitit jobs: on Slurm (``cluster="slurm"``) or as local processes (``cluster="local"``),
+    ``workers`` jobs at a time (None: all of them). ``slurm`` holds further ``slurm_<key>`` parameters of
+    submitit's ``AutoExecutor`` (``qos``, ``account``, ``mem``, ``constraint``, ...)."""
+
+    poll_seconds = 0.2
+
+    def __init__(self, cluster: str, folder: Path, workers: int | None = None, timeout_min: int = 24 * 60,
+                 cpus: int | None = None, gpus: int | None = None, partition: str | None = None,
+                 slurm: dict | None = None):
+        submitit = _submitit()
+        self.name = "slurm" if cluster == "slurm" else f"submitit-{cluster}"
+        self.workers, self.cluster, self.cpus = workers, cluster, cpus
+        try:
+            self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+            self.executor.update_parameters(timeout_min=timeout_min, cpus_per_task=cpus, gpus_per_node=gpus,
+                                            slurm_partition=partition,
+                                            **{f"slurm_{key}": value for key, value in (slurm or {}).items()})
+        except (RuntimeError, NameError, ValueError, TypeError, AssertionError) as error:  # no srun, a bad key
+            lines = str(error).strip().splitlines()
+            raise UserError(f"--executor {self.name}: {lines[0] if lines else type(error).__name__}") from None
+
+    def threads(self) -> int | None:
+        """A Slurm job's threads: the CPUs it asked for (None: those it gets); local jobs split this machine's."""
+        if self.cluster == "slurm":
+            return self.cpus
+        return max(1, available_cpus() // (self.workers or 1))
+
+    def start(self, run: PlannedRun, command: list[str], log_path: Path) -> _Job:
+        self.executor.update_parameters(name=run.name)
+        threads, utils = self.threads(), _submitit().core.utils
+        try:
+            job = self.executor.submit(run_logged, command, str(log_path), threads)
+        except (utils.FailedSubmissionError, utils.FailedJobError) as error:  # sbatch refused it (partition, ...)
+            lines = str(error).strip().splitlines()
+            raise UserError(f"--executor {self.name}: submitting {run.name} failed: "
+                            f"{lines[-1] if lines else type(error).__name__}") from None
+        return _Job(job, threads)
+
+
 @dataclass
 class _Launch:
     run: PlannedRun
-    process: subprocess.Popen
-    log: TextIO
+    handle: _Process | _Job
     records: list[dict]
-    started: float
 
 
-def run_sweep(plan: Plan, workers: int = 1, echo=print) -> tuple[list[str], list[str]]:
-    """Train every run that is not finished, ``workers`` at a time with the CPU threads split between them,
-    largest first (the shortest total time); returns (launched, failed) run names."""
+def run_sweep(plan: Plan, workers: int | None = 1, echo=print, executor=None) -> tuple[list[str], list[str]]:
+    """Train every run that is not finished, largest first (the shortest total time), through ``executor``
+    (default: a ``LocalPool`` of ``workers`` processes) as many at a time as it takes; returns (launched, failed)
+    run names."""
+    executor = executor or LocalPool(workers or 1)
     statuses = {run.name: run_status(run) for run in plan.runs}
     stale = [(run, statuses[run.name]) for run in plan.runs if statuses[run.name].state == "stale"]
     if stale:
@@ -142,61 +299,69 @@ def run_sweep(plan: Plan, workers: int = 1, echo=print) -> tuple[list[str], list
                          "file (or set that key in [overrides]) or move the run folder away")
     todo = sorted((run for run in plan.runs if statuses[run.name].state != "done"), key=lambda r: -r.flops)
     echo(f"{len(plan.runs) - len(todo)} of {len(plan.runs)} runs already finished; {len(todo)} to train")
-    threads = max(1, available_cpus() // workers)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    threads = executor.threads()
     running: list[_Launch] = []
     launched, failed = [], []
     try:
         while todo or running:
-            while todo and len(running) < workers:
+            while todo and (executor.workers is None or len(running) < executor.workers):
                 run = todo.pop(0)
-                running.append(_start(plan, run, threads, env, statuses[run.name]))
+                running.append(_start(plan, run, executor, statuses[run.name]))
                 launched.append(run.name)
+                job = running[-1].handle.job_id
                 echo(f"[{len(launched)}/{len(launched) + len(todo)}] {run.name}: {run.trained_tokens:,} tokens in "
-                     f"{run.steps} steps, N = {run.params:,}, lr {run.lr:.3g}, {threads} thread(s)"
-                     + (f", resuming from step {statuses[run.name].step}" if statuses[run.name].step else ""))
-            time.sleep(POLL_SECONDS)
-            for launch in [launch for launch in running if launch.process.poll() is not None]:
+                     f"{run.steps} steps, N = {run.params:,}, lr {run.lr:.3g}, "
+                     + (f"{threads} thread(s)" if threads else "the job's CPUs")
+                     + (f", resuming from step {statuses[run.name].step}" if statuses[run.name].step else "")
+                     + (f", {executor.name} job {job}" if job else ""))
+            time.sleep(executor.poll_seconds)
+            for launch in [launch for launch in running if launch.handle.done()]:
                 running.remove(launch)
                 if not _finish(plan, launch, echo):
                     failed.append(launch.run.name)
     except BaseException:
-        for launch in running:  # only the processes this sweep started
-            launch.process.terminate()
+        for launch in running:  # only the processes and jobs this sweep started
+            launch.handle.cancel()
         for launch in running:
-            launch.process.wait()
             _finish(plan, launch, echo)
         raise
     return launched, failed
 
 
-def _start(plan: Plan, run: PlannedRun, threads: int, env: dict, status: RunStatus) -> _Launch:
+def _start(plan: Plan, run: PlannedRun, executor, status: RunStatus) -> _Launch:
     log_path, _ = log_paths(plan, run)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = run.command(plan.sweep.base)
-    log = open(log_path, "a")
-    log.write(f"$ OMP_NUM_THREADS={threads} {subprocess.list2cmdline(command)}\n")
-    log.flush()
-    records = launches(plan, run) + [{"command": command, "threads": threads, "resumed_from_step": status.step,
-                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": None,
-                                      "returncode": None}]
+    record = {"command": command, "threads": executor.threads(), "resumed_from_step": status.step,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": None, "returncode": None,
+              "executor": executor.name}
+    records = launches(plan, run) + [record]
     _record(plan, run, records)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return _Launch(run=run, process=process, log=log, records=records, started=time.perf_counter())
+    try:
+        handle = executor.start(run, command, log_path)
+    except BaseException:
+        _record(plan, run, records[:-1])  # never started
+        raise
+    if handle.job_id is not None:
+        record["job_id"] = handle.job_id
+        _record(plan, run, records)
+    return _Launch(run=run, handle=handle, records=records)
 
 
 def _finish(plan: Plan, launch: _Launch, echo) -> bool:
     """Record the launch; True when the run is now finished."""
-    wall = time.perf_counter() - launch.started
-    launch.log.close()
-    launch.records[-1].update(wall_s=round(wall, 3), returncode=launch.process.returncode)
+    outcome = launch.handle.outcome()
+    launch.records[-1].update(wall_s=outcome.wall_s, returncode=outcome.returncode, threads=outcome.threads)
+    if outcome.error:
+        launch.records[-1]["error"] = outcome.error
     _record(plan, launch.run, launch.records)
+    took = f"{outcome.wall_s:.0f} s" if outcome.wall_s is not None else "an unknown time"
     done = result(plan, launch.run)
     if done is not None:
-        echo(f"{launch.run.name}: finished in {wall:.0f} s, validation loss {done.val_loss:.4f}")
+        echo(f"{launch.run.name}: finished in {took}, validation loss {done.val_loss:.4f}")
         return True
     log_path = log_paths(plan, launch.run)[0]
-    lines = log_path.read_text(errors="replace").strip().splitlines()
-    echo(f"{launch.run.name}: FAILED (exit status {launch.process.returncode}) after {wall:.0f} s; {log_path}: "
-         f"{lines[-1] if lines else ''}")
+    lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.is_file() else []
+    echo(f"{launch.run.name}: FAILED ({outcome.error or f'exit status {outcome.returncode}'}) after {took}; "
+         f"{log_path}: {lines[-1] if lines else ''}")
     return False
