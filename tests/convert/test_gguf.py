@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import gguf
 import pytest
 import sentencepiece as spm
@@ -112,6 +114,28 @@ def test_tokenizer_from_llama_cpp_file_encodes_like_meta(tmp_path, shared, llama
 # llama.cpp (optional extra `llamacpp`)
 
 
+@contextlib.contextmanager
+def plain_cpu_weights(llama_cpp):
+    """Models loaded inside keep their weights as written (``use_extra_bufts = False``, llama.cpp's
+    ``--no-repack``). On CPUs with AMX, llama.cpp (llama-cpp-python 0.3.36) repacks q8_0 weights for its AMX
+    kernels and then crashes (a segmentation fault in ``llama_decode``) on stories260K's 64-wide layers; the
+    plain CPU kernels compute the same products."""
+    low_level = llama_cpp.llama_cpp  # the module llama_cpp.Llama takes its default parameters from
+    defaults = low_level.llama_model_default_params
+
+    def params():
+        p = defaults()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    low_level.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
 def llama_cpp_greedy(path, prompt_ids: list[int], steps: int):
     """(greedy tokens, logits after the prompt) from llama.cpp, read with llama_get_logits_ith.
 
@@ -122,8 +146,9 @@ def llama_cpp_greedy(path, prompt_ids: list[int], steps: int):
 
     llama_cpp = pytest.importorskip("llama_cpp")
     f32 = llama_cpp.GGML_TYPE_F32
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, type_k=f32, type_v=f32,
-                          verbose=False)
+    with plain_cpu_weights(llama_cpp):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, type_k=f32, type_v=f32,
+                              verbose=False)
 
     def last_logits():
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
