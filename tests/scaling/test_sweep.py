@@ -14,12 +14,14 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from llamalab.cli import main
 from llamalab.model.args import ModelArgs
+from llamalab.scaling.runner import LocalPool
 from llamalab.scaling.sweep import load_sweep, plan, toml_value
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
@@ -260,6 +262,26 @@ def test_bad_sweep_is_one_line_naming_the_key(changes, needle, setup, monkeypatc
     assert err.count("\n") == 1 and err.startswith(f"llamalab scaling run: error: {path}: ")
     assert needle.format(tmp=tmp) in err
     assert not (tmp / "bad-out").exists()
+
+
+@pytest.mark.slow
+def test_a_pool_run_trains_on_its_threads_into_its_log(setup, monkeypatch):
+    """A run the local pool launches (forked from its fork server, where there is one) has the thread count its
+    launch record gets, and its output lands in its log after the command line."""
+    tmp, base = setup
+    monkeypatch.setattr(LocalPool, "threads", lambda self: 3)
+    pool, log = LocalPool(1), tmp / "threads.log"
+    command = [sys.executable, "-m", "llamalab", "train", str(base), "--run.out_dir", str(tmp / "threads"),
+               "--length.steps", "3"]
+    handle = pool.start(None, command, log)
+    while not handle.done():
+        time.sleep(0.05)
+    outcome = handle.outcome()
+    text = log.read_text()
+    assert (outcome.returncode, outcome.threads) == (0, 3), text
+    assert text.startswith("$ OMP_NUM_THREADS=3 ") and "validation loss" in text
+    if pool.fork_server is not None:
+        assert "torch.get_num_threads() = 3)" in text.splitlines()[1]
 
 
 @pytest.mark.slow

@@ -7,17 +7,21 @@ so each run's console output goes to ``logs/<run>.log`` and each launch (command
 status) is recorded in ``logs/<run>.json``: the wall time, against the training time in the metrics, is the
 run's overhead.
 
-Where the runs are trained is an executor's business: ``LocalPool`` starts them as subprocesses of this one,
-``SubmititExecutor`` as jobs of a scheduler (Slurm, or submitit's own local executor) through ``submitit``, an
+Where the runs are trained is an executor's business: ``LocalPool`` starts each as a fresh process of its own,
+forked (on Linux) from a fork server that has imported the trainer once, which saves every run the seconds of
+importing torch and llamalab (elsewhere: a ``python -m llamalab train`` subprocess), ``SubmititExecutor`` as jobs of a scheduler (Slurm, or submitit's own local executor) through ``submitit``, an
 optional extra. Either runs the same command line into the same log and records the launch the same way (a job
 adds its id); skipping, resuming and reporting failures do not depend on it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,13 +142,24 @@ class Outcome:
     error: str = ""
 
 
-def _spawn(command: list[str], log_path: Path, threads: int | None) -> tuple[subprocess.Popen, TextIO]:
-    """Start ``command`` with its output appended to ``log_path``, on ``threads`` CPU threads (None: as set)."""
-    env = dict(os.environ) if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads),
-                                                         MKL_NUM_THREADS=str(threads))
+def _environment(threads: int | None) -> dict[str, str]:
+    """This process's environment with the run's thread count (None: as set)."""
+    return dict(os.environ) if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads),
+                                                          MKL_NUM_THREADS=str(threads))
+
+
+def _open_log(command: list[str], log_path: Path, env: dict[str, str]) -> TextIO:
+    """``log_path`` opened for appending, after the line saying what is launched (the command a human reruns)."""
     log = open(log_path, "a")
     log.write(f"$ OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {subprocess.list2cmdline(command)}\n")
     log.flush()
+    return log
+
+
+def _spawn(command: list[str], log_path: Path, threads: int | None) -> tuple[subprocess.Popen, TextIO]:
+    """Start ``command`` with its output appended to ``log_path``, on ``threads`` CPU threads (None: as set)."""
+    env = _environment(threads)
+    log = _open_log(command, log_path, env)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
 
@@ -186,19 +201,108 @@ class _Process:
         return Outcome(self.process.returncode, round(time.perf_counter() - self.started, 3), self.threads)
 
 
+FORKSERVER_PRELOAD = ["llamalab.train.trainer", "llamalab.cli", "matplotlib.pyplot"]  # pyplot: each run's loss plot
+
+
+def _fork_server():
+    """The multiprocessing context whose processes are forked from a server that has imported the trainer, or
+    None where there is none (not Linux): runs are then ``python -m llamalab`` subprocesses."""
+    if not sys.platform.startswith("linux") or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server starts: at the first run
+    return context
+
+
+def _forked_run(argv: list[str], log_path: str, threads: int, cwd: str, env: dict[str, str]) -> None:
+    """A run in a process forked from the fork server: ``llamalab <argv>`` in this process's working directory and
+    environment, on ``threads`` threads, its output appended to ``log_path``; exits with its exit status."""
+    code = 1
+    try:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)  # OMP_NUM_THREADS for anything the run starts; torch read it at import, so:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = open(1, "w", closefd=False)  # block-buffered, as a subprocess writing to a file
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+        import torch
+
+        torch.set_num_threads(threads)  # before any parallel work
+        print(f"(forked from the llamalab fork server: torch.get_num_threads() = {torch.get_num_threads()})",
+              flush=True)
+        from .. import cli
+
+        sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), *argv]
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            code = exit_.code or 0
+        else:
+            print(exit_.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()  # what the interpreter does at exit (logging's flush, ...)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
+
+
+class _Forked:
+    """A run trained by a process forked from the fork server."""
+
+    job_id = None
+
+    def __init__(self, context, command: list[str], log_path: Path, threads: int):
+        self.threads, self.started = threads, time.perf_counter()
+        env = _environment(threads)
+        _open_log(command, log_path, env).close()
+        self.process = context.Process(target=_forked_run, name=log_path.stem,
+                                       args=(command[3:], str(log_path), threads, os.getcwd(), env))
+        self.process.start()
+
+    def done(self) -> bool:
+        return self.process.exitcode is not None
+
+    def cancel(self) -> None:
+        self.process.terminate()
+        self.process.join()
+
+    def outcome(self) -> Outcome:
+        self.process.join()
+        return Outcome(self.process.exitcode, round(time.perf_counter() - self.started, 3), self.threads)
+
+
 class LocalPool:
-    """The runs as subprocesses of this process, ``workers`` at a time, the CPU threads split between them."""
+    """The runs as processes of their own, ``workers`` at a time, the CPU threads split between them: forked from
+    the fork server where there is one, ``python -m llamalab`` subprocesses otherwise (or for another command)."""
 
     name = "local"
     poll_seconds = POLL_SECONDS
 
     def __init__(self, workers: int = 1):
         self.workers = workers
+        self.fork_server = _fork_server()
 
     def threads(self) -> int:
         return max(1, available_cpus() // self.workers)
 
-    def start(self, run: PlannedRun, command: list[str], log_path: Path) -> _Process:
+    def start(self, run: PlannedRun | None, command: list[str], log_path: Path) -> _Forked | _Process:
+        if self.fork_server is not None and command[:3] == [sys.executable, "-m", "llamalab"]:
+            return _Forked(self.fork_server, command, log_path, self.threads())
         return _Process(command, log_path, self.threads())
 
 
@@ -281,7 +385,7 @@ class SubmititExecutor:
 @dataclass
 class _Launch:
     run: PlannedRun
-    handle: _Process | _Job
+    handle: _Forked | _Process | _Job
     records: list[dict]
 
 
