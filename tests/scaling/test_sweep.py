@@ -226,6 +226,16 @@ def test_report_sizes_the_noise_of_repeated_runs():
     assert noise_section([result(1e9, "a", 2.0), result(3e9, "a", 1.0)]) == []
 
 
+def test_only_settings_that_change_training_make_a_run_stale():
+    from llamalab.scaling.runner import _first_difference
+
+    run = {"optimizer": {"lr": 1e-3}, "logging": {"plot": True, "every": 10}}
+    assert _first_difference(run, {"optimizer": {"lr": 1e-3}, "logging": {"plot": False, "every": 1}}) is None
+    assert _first_difference(run, {"optimizer": {"lr": 2e-3}, "logging": {"plot": True}}) == \
+        "optimizer.lr is 0.001 in the run, 0.002 in the sweep"
+    assert _first_difference({"a": {"logging": 1}}, {"a": {"logging": 2}}) == "a.logging is 1 in the run, 2 in the sweep"
+
+
 # (id, changes to the test sweep, what the one error line names); {tmp} is the module's folder
 BAD = [
     ("unknown-key", {"budget": [1e9]}, "budget: unknown key"),

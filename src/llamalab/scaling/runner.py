@@ -20,6 +20,7 @@ import atexit
 import json
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -60,10 +61,13 @@ class RunResult:
         return self.wall_seconds - self.train_seconds
 
 
+REPORTING_ONLY = {"logging"}  # config sections that change what a run reports, never what it trains
+
+
 def _first_difference(trained: dict, planned: dict, prefix: str = "") -> str | None:
     """The first setting the run and the sweep both have with different values; a key only one of them has (a
-    setting added to or removed from llamalab since) is not a difference."""
-    for key in sorted(set(trained) & set(planned)):
+    setting added to or removed from llamalab since) and the ``logging`` section are not differences."""
+    for key in sorted(set(trained) & set(planned) - (REPORTING_ONLY if not prefix else set())):
         a, b = trained[key], planned[key]
         if isinstance(a, dict) and isinstance(b, dict):
             found = _first_difference(a, b, f"{prefix}{key}.")
@@ -201,7 +205,8 @@ class _Process:
         return Outcome(self.process.returncode, round(time.perf_counter() - self.started, 3), self.threads)
 
 
-FORKSERVER_PRELOAD = ["llamalab.train.trainer", "llamalab.cli", "matplotlib.pyplot"]  # pyplot: each run's loss plot
+# imported once by the fork server: the trainer, the CLI, pyplot (a run's loss plot) and torch's meta-device code
+FORKSERVER_PRELOAD = ["llamalab.train.trainer", "llamalab.cli", "matplotlib.pyplot", "llamalab.scaling.fork_warmup"]
 
 
 def _fork_server():
@@ -236,10 +241,9 @@ def _forked_run(argv: list[str], log_path: str, threads: int, cwd: str, env: dic
         torch.set_num_threads(threads)  # before any parallel work
         print(f"(forked from the llamalab fork server: torch.get_num_threads() = {torch.get_num_threads()})",
               flush=True)
-        from .. import cli
-
-        sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), *argv]
-        code = cli.main(argv)
+        sys.argv = ["llamalab", *argv]
+        runpy.run_module("llamalab", run_name="__main__", alter_sys=True)  # `python -m llamalab ARGV`
+        code = 0
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
             code = exit_.code or 0
@@ -296,12 +300,18 @@ class LocalPool:
     def __init__(self, workers: int = 1):
         self.workers = workers
         self.fork_server = _fork_server()
+        self._server_started = False
 
     def threads(self) -> int:
         return max(1, available_cpus() // self.workers)
 
     def start(self, run: PlannedRun | None, command: list[str], log_path: Path) -> _Forked | _Process:
         if self.fork_server is not None and command[:3] == [sys.executable, "-m", "llamalab"]:
+            if not self._server_started:  # start it (imports: 2-3 s) before the first run's clock starts
+                warm_up = self.fork_server.Process(target=os.getpid)
+                warm_up.start()
+                warm_up.join()
+                self._server_started = True
             return _Forked(self.fork_server, command, log_path, self.threads())
         return _Process(command, log_path, self.threads())
 
