@@ -137,6 +137,22 @@ class MixtureLoader:
         self.consumed = [int(state["consumed"][n]) for n in self.names]
 
 
+def held_out_share(items, *, batch_size: int, max_batches: int | None, batch_rows: int | None, rank: int,
+                   world_size: int):
+    """(held-out set, this rank's share, batches per rank): the first ``max_batches * batch_rows`` items (all of
+    them when fewer, or when ``max_batches`` is None; ``batch_rows`` defaults to ``batch_size``), split into
+    consecutive shares of ``ceil(n / world_size)``, each evaluated in ``ceil(share / batch_size)`` batches of
+    ``batch_size`` rows. The held-out set does not depend on the layout (``world_size``, ``batch_size``)."""
+    if batch_size < 1 or (batch_rows is not None and batch_rows < 1):
+        raise ValueError(f"batch_size and batch_rows must be >= 1, got {batch_size} and {batch_rows}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if max_batches is not None:
+        items = items[:max_batches * (batch_rows or batch_size)]
+    share = -(-len(items) // world_size)
+    return items, items[rank * share:(rank + 1) * share], -(-share // batch_size)
+
+
 class ValidationSet:
     """Deterministic held-out rows over every source's validation split, and bytes per token.
 
@@ -158,13 +174,8 @@ class ValidationSet:
 
     def __init__(self, prepared_dir: str | Path, seq_len: int, batch_size: int, max_batches: int | None = None,
                  *, rank: int = 0, world_size: int = 1, batch_rows: int | None = None):
-        if batch_size < 1 or (batch_rows is not None and batch_rows < 1):
-            raise ValueError(f"batch_size and batch_rows must be >= 1, got {batch_size} and {batch_rows}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.data = PreparedData(prepared_dir)
-        self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
-        self.batch_rows = batch_rows or batch_size
+        self.seq_len, self.batch_size = seq_len, batch_size
         self.streams, windows = [], []
         for name in sorted(self.data.sources):
             info = self.data.sources[name]["splits"].get("validation")
@@ -178,12 +189,9 @@ class ValidationSet:
             raise ValueError(f"{self.data.folder}: no source has a validation split of at least {seq_len + 1} "
                              "tokens; raise validation_fraction or lower seq_len")
         order = np.concatenate(windows)[np.random.default_rng(0).permutation(sum(len(w) for w in windows))]
-        if max_batches is not None:
-            order = order[:max_batches * self.batch_rows]
-        self.windows = order  # the held-out set: the same whatever the layout
-        share = -(-len(order) // world_size)
-        self.rows = order[rank * share:(rank + 1) * share]  # this rank's share (may be short or empty)
-        self.num_batches = -(-share // batch_size)
+        self.windows, self.rows, self.num_batches = held_out_share(  # this rank's rows may be short or empty
+            order, batch_size=batch_size, max_batches=max_batches, batch_rows=batch_rows, rank=rank,
+            world_size=world_size)
         ratio = np.array([r for _, _, r in self.streams])
         self.bytes_per_token = float(ratio[self.windows[:, 0]].mean()) if len(self.windows) else float("nan")
         self.num_tokens = len(self.windows) * seq_len

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.loader import IGNORE_INDEX
+from ..data.loader import IGNORE_INDEX, held_out_share
 from ..errors import UserError
 
 # Stanford Alpaca's templates, verbatim (tatsu-lab/stanford_alpaca, train.py: PROMPT_DICT)
@@ -385,18 +385,10 @@ class InstructionValidation:
 
     def __init__(self, examples: list[Example], *, batch_size: int, seq_len: int, pad_id: int,
                  max_batches: int | None = None, rank: int = 0, world_size: int = 1, batch_rows: int | None = None):
-        if batch_size < 1 or (batch_rows is not None and batch_rows < 1):
-            raise ValueError(f"batch_size and batch_rows must be >= 1, got {batch_size} and {batch_rows}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
-        self.rank, self.world_size, self.batch_rows = rank, world_size, batch_rows or batch_size
-        if max_batches is not None:
-            examples = examples[:max_batches * self.batch_rows]
-        self.examples = examples  # the held-out set: the same whatever the layout
-        share = -(-len(examples) // world_size)
-        self.rows = examples[rank * share:(rank + 1) * share]  # this rank's share (may be short or empty)
-        self.num_batches = -(-share // batch_size)
+        self.examples, self.rows, self.num_batches = held_out_share(  # this rank's rows may be short or empty
+            examples, batch_size=batch_size, max_batches=max_batches, batch_rows=batch_rows, rank=rank,
+            world_size=world_size)
 
     def __len__(self) -> int:
         return self.num_batches

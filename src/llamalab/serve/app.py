@@ -152,13 +152,17 @@ def create_app(served: Served) -> FastAPI:
             raise ApiError(400, f"tokens: ids outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    def admit(body, request: Request) -> None:
+        """What every generation request must pass: the API key, the model's name, only supported fields."""
         authorize(request)
         check_model(body.model)
         refuse_unsupported(body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        admit(body, request)
         prompts = completion_prompts(served, body.prompt)
-        sampling = Sampling(max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+        sampling = Sampling(max_tokens=body.max_tokens,
                             temperature=body.temperature, top_k=body.top_k_or_none(), top_p=body.top_p,
                             logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
         run = Run(served, "text_completion", prompts, sampling, body)
@@ -166,9 +170,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        authorize(request)
-        check_model(body.model)
-        refuse_unsupported(body)
+        admit(body, request)
         prompt = chat_prompt(served, body.messages)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if limit is None:  # the rest of the context (at least 1, so a prompt that fills it is a context error)
