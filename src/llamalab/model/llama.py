@@ -68,6 +68,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.float()).type_as(q)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` (causal when there is no mask).
+
+    On the CPU, bf16 or fp16 heads of at most 32 dimensions are attended in fp32, outside autocast (which
+    would cast them back): there torch's reduced-precision flash kernel is the slower one until heads of 64
+    (forward and backward, torch 2.13 on an AVX-512 BF16/AMX VM: 3.7x slower with 16-dimension heads, 1.2x
+    with 32, 1.6x faster with 64). A 4-layer, 128-wide model with 16-dimension heads trains 2x faster in bf16.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 32:
+        with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the fp32 inputs back down
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                 is_causal=mask is None)
+        return out.type_as(q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -100,7 +116,7 @@ class Attention(nn.Module):
         if seqlen == 1 and mask is not None:
             out = decode_attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            out = causal_attention(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
