@@ -333,3 +333,14 @@ def test_rerun_trains_only_what_is_missing(sweep):
     assert launches(out_dir, interrupted.name)[-1]["resumed_from_step"] == steps
     rows = list(csv.DictReader((out_dir / "report" / "runs.csv").open()))
     assert {r["status"] for r in rows} == {"done"}
+
+
+def test_a_budget_sized_base_config_trains_the_sweeps_shapes(setup):
+    tmp, base = setup
+    budget_base = tmp / "budget-base.toml"
+    budget_base.write_text(base.read_text().replace('preset = "tiny"', 'preset = "tiny"\nsize = "budget"'))
+    planned = plan(load_sweep(write_sweep(tmp / "budget.toml", budget_base, tmp / "budget")))
+    for run in planned.runs:
+        assert run.config.model.size == "fixed"
+        assert run.config.model_args(vocab_size=VOCAB) == run.args
+        assert run.args.dim == int(run.name.split("-")[1][1:].split("l")[0])

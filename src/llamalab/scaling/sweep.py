@@ -61,9 +61,9 @@ TOP_KEYS = {"base", "out_dir", "budgets", "seeds", "accounting", "min_steps", "t
 FAMILY_KEYS = {"dims", "aspect_ratio", "head_dim", "multiple_of"}
 SHAPE_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "budgets"}
 SCHEDULE_KEYS = {"lr", "lr_params", "lr_exponent", "warmup_fraction"}
-SET_BY_SWEEP = {"run.out_dir", "run.name", "run.seed", "model.dim", "model.n_layers", "model.n_heads",
-                "optimizer.lr", "schedule.warmup_steps", "length.steps", "length.tokens", "length.max_minutes",
-                "checkpoint.resume", "logging.progress"}
+SET_BY_SWEEP = {"run.out_dir", "run.name", "run.seed", "model.size", "model.dim", "model.n_layers",
+                "model.n_heads", "optimizer.lr", "schedule.warmup_steps", "length.steps", "length.tokens",
+                "length.max_minutes", "checkpoint.resume", "logging.progress"}
 
 
 class SweepError(UserError):
@@ -105,7 +105,8 @@ class Shape:
     def cli_args(self) -> list[str]:
         fields = {"dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
                   "n_kv_heads": self.n_kv_heads, "multiple_of": self.multiple_of}
-        return [arg for key, value in fields.items() if value is not None for arg in (f"--model.{key}", str(value))]
+        shape = [arg for key, value in fields.items() if value is not None for arg in (f"--model.{key}", str(value))]
+        return ["--model.size", "fixed", *shape]  # the sweep's shape, even where the base config sizes by budget
 
 
 @dataclass(frozen=True)
