@@ -18,6 +18,7 @@ from typing import Literal
 
 from .fs import read_toml
 from .model.args import ConfigError, ModelArgs, get_preset
+from .model.dropout import check_dropout
 from .model.sizing import Family
 
 if sys.version_info >= (3, 11):
@@ -44,7 +45,8 @@ class ModelConfig:
     ``vocab_size`` left unset is taken from the prepared data's tokenizer. ``size = "budget"``: ``dim``,
     ``n_layers`` and ``n_heads`` are chosen when the run is set up, from the ``[length]`` budget, as the family
     shape (``[model.family]``) the scaling law (``law``: a JSON file; "" = the one shipped with llamalab) calls
-    compute-optimal (``llamalab.train.setup``; docs/training.md).
+    compute-optimal, or a larger one where that would make more than ``max_epochs`` passes over the training
+    data (``llamalab.train.setup``; docs/training.md).
     """
 
     preset: str = "demo"
@@ -52,6 +54,8 @@ class ModelConfig:
     size: Literal["fixed", "budget"] = "fixed"
     family: Family | None = None  # size = "budget": the shapes to choose from
     law: str = ""  # size = "budget": a scaling-law JSON file; "" = llamalab/assets/scaling_law.json
+    max_epochs: float = 16.0  # size = "budget": a larger family shape rather than more passes over the data
+    dropout: float = 0.0  # residual and embedding dropout in training (``llamalab.model.dropout``); LLaMA has none
 
 
 @dataclass
@@ -221,7 +225,10 @@ class Config:
         out = dataclasses.asdict(self)
         out["model"] = {"preset": self.model.preset, **self.model.overrides}
         if self.model.size != "fixed":
-            out["model"].update(size=self.model.size, law=self.model.law, family=self.model.family.to_table())
+            out["model"].update(size=self.model.size, law=self.model.law, max_epochs=self.model.max_epochs,
+                                family=self.model.family.to_table())
+        if self.model.dropout:  # written only when used, as length.flops below
+            out["model"]["dropout"] = self.model.dropout
         if not self.length.flops:  # written only when used: config.json of other runs is as it was
             del out["length"]["flops"]
         return out
@@ -291,6 +298,7 @@ def _coerce(key: str, value, tp):
 
 
 SIZED_BY_BUDGET = ("dim", "n_layers", "n_heads")  # what model.size = "budget" chooses
+MODEL_SETTINGS = ("preset", "size", "family", "law", "max_epochs", "dropout")  # [model] keys besides ModelArgs'
 
 
 def _build_model_section(table: dict, where: str) -> ModelConfig:
@@ -304,16 +312,22 @@ def _build_model_section(table: dict, where: str) -> ModelConfig:
         raise ConfigError(f"{where}model.preset: {exc}") from None
     size = _coerce(f"{where}model.size", table.get("size", "fixed"), Literal["fixed", "budget"])
     law = _coerce(f"{where}model.law", table.get("law", ""), str)
+    max_epochs = _coerce(f"{where}model.max_epochs", table.get("max_epochs", ModelConfig.max_epochs), float)
+    if not max_epochs >= 0:
+        raise ConfigError(f"{where}model.max_epochs: expected a number of epochs >= 0 (0: no limit), "
+                          f"got {max_epochs!r}")
+    dropout = check_dropout(_coerce(f"{where}model.dropout", table.get("dropout", 0.0), float),
+                            f"{where}model.dropout")
     family = table.get("family", {})
     if not isinstance(family, dict):
         raise ConfigError(f"{where}model.family: expected a [model.family] table, got {family!r}")
     family = {**family, **{k.split(".", 1)[1]: v for k, v in table.items() if k.startswith("family.")}}
     overrides = {}
     for key, value in table.items():
-        if key in ("preset", "size", "law", "family") or key.startswith("family."):
+        if key in MODEL_SETTINGS or key.startswith("family."):
             continue
         if key not in hints:
-            raise ConfigError(f"{where}model.{key}: unknown key; expected preset, size, family, law or one of "
+            raise ConfigError(f"{where}model.{key}: unknown key; expected {', '.join(MODEL_SETTINGS)} or one of "
                               f"{sorted(hints)}")
         if size == "budget" and key in SIZED_BY_BUDGET:
             raise ConfigError(f"{where}model.{key}: chosen by model.size = 'budget'; remove it, or set "
@@ -321,7 +335,7 @@ def _build_model_section(table: dict, where: str) -> ModelConfig:
         overrides[key] = _coerce(f"{where}model.{key}", value, hints[key])
     family = Family.from_table(family, f"{where}model.family")  # checked even when unused (size = "fixed")
     return ModelConfig(preset=preset, overrides=overrides, size=size, law=law,
-                       family=family if size == "budget" else None)
+                       family=family if size == "budget" else None, max_epochs=max_epochs, dropout=dropout)
 
 
 def config_from_dict(data: dict, where: str = "") -> Config:

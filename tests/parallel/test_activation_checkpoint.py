@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
-from llamalab.model import build_model, preset_args
+from llamalab.model import apply_dropout, build_model, preset_args
 from llamalab.parallel.activation_checkpoint import (
     MATMUL_OPS,
     SAVED_PROJECTIONS,
@@ -18,10 +18,11 @@ from llamalab.parallel.activation_checkpoint import (
 from llamalab.train.metrics import activation_bytes
 
 
-def _grads(mode: str, autocast: bool) -> tuple[torch.Tensor, dict]:
-    model = build_model(preset_args("tiny"), seed=0)
+def _grads(mode: str, autocast: bool, dropout: float = 0.0) -> tuple[torch.Tensor, dict]:
+    model = apply_dropout(build_model(preset_args("tiny"), seed=0), dropout)
     apply_activation_checkpointing(model, mode)
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)  # dropout's masks: recomputation must draw the same ones
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = model(tokens[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
@@ -29,13 +30,14 @@ def _grads(mode: str, autocast: bool) -> tuple[torch.Tensor, dict]:
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_same_gradients_as_without(mode, autocast):
-    loss_ref, ref = _grads("none", autocast)
-    loss, got = _grads(mode, autocast)
+def test_same_gradients_as_without(mode, autocast, dropout):
+    loss_ref, ref = _grads("none", autocast, dropout)
+    loss, got = _grads(mode, autocast, dropout)
     assert torch.equal(loss, loss_ref)
-    for name in ref:  # recomputation repeats the same kernels on the same inputs: identical results
+    for name in ref:  # recomputation repeats the same kernels on the same inputs (and masks): identical results
         assert torch.equal(got[name], ref[name]), name
 
 

@@ -141,10 +141,55 @@ def test_more_tokens_than_the_data_holds_is_reported_as_data_limited(budget_conf
     epochs = math.ceil(100_000 / STEP_TOKENS) * STEP_TOKENS / TRAIN_TOKENS
     assert setup.epochs == pytest.approx(epochs)
     assert f"data-limited: this run trains 100,096 tokens, {epochs:.1f} epochs of the 60,000" in err
-    assert "Muennighoff" in err and "data.recipe" in err and "weight_decay" in err
+    assert "Muennighoff" in err and "data.recipe" in err and "weight_decay" in err and "model.dropout, now 0;" in err
     assert "above the family's largest shape" in err  # and the law would want a larger model than dim 64
     resolve(budget_config("--length.tokens", "4000", out="small"))
     assert "data-limited" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flops", [5e8, 3e9])
+def test_a_budget_that_would_repeat_the_data_too_often_takes_a_larger_shape(budget_config, capsys, flops):
+    law_pick = nearest_dim(n_opt(flops))
+    epochs = {dim: flops / flops_per_token(dim) / TRAIN_TOKENS for dim in DIMS}
+    larger = DIMS[DIMS.index(law_pick) + 1]
+    assert epochs[larger] < epochs[law_pick]
+    limit = (epochs[law_pick] + epochs[larger]) / 2  # the law's pick makes more passes, the next shape fewer
+    setup = resolve(budget_config("--length.flops", str(flops), "--model.max_epochs", repr(limit)))
+    assert setup.args.dim == larger
+    assert setup.n_steps == math.ceil(flops / flops_per_token(larger) / STEP_TOKENS)
+    err = capsys.readouterr().err
+    assert (f"the law's choice {shape_label(law_pick)} would train {epochs[law_pick]:.1f} epochs of the 60,000 "
+            f"training tokens, more than model.max_epochs = {limit:g}; took {shape_label(larger)} "
+            f"({epochs[larger]:.1f} epochs), the smallest family shape within it") in err
+    # no shape is small enough: the largest; no limit (0): the law's choice
+    tight = resolve(budget_config("--length.flops", str(flops), "--model.max_epochs", repr(epochs[DIMS[-1]] / 2),
+                                  out="tight"))
+    assert tight.args.dim == DIMS[-1] and "none is within it" in capsys.readouterr().err
+    assert resolve(budget_config("--length.flops", str(flops), "--model.max_epochs", "0", out="off")).args.dim == law_pick
+
+
+def test_a_time_budget_that_would_repeat_the_data_too_often_measures_and_takes_a_larger_shape(budget_config,
+                                                                                              monkeypatch):
+    rate = 2e9  # FLOP/s, the same for every shape
+    minutes = (params(32) / 10**LOG10_G) ** (1 / EXPONENT) / rate / 60  # the law's choice: dim 32
+    epochs = {dim: rate * minutes * 60 / flops_per_token(dim) / TRAIN_TOKENS for dim in DIMS}
+    measured = []
+
+    def fake_throughput(cfg, args, device, precision, seq_len, accum):
+        measured.append(args.dim)
+        return rate / flops_per_token(args.dim)
+
+    monkeypatch.setattr(run_setup, "measure_training_throughput", fake_throughput)
+    limit = (epochs[32] + epochs[48]) / 2
+    setup = resolve(budget_config("--length.max_minutes", repr(minutes), "--model.max_epochs", repr(limit)))
+    assert setup.args.dim == 48 and measured == [16, 48]  # the run's own shape is measured
+    assert setup.sizing.tokens == pytest.approx(rate * setup.sizing.seconds / flops_per_token(48))
+    assert any(note.startswith("data-limited: the law's choice d32l2h4") for note in setup.sizing.notes)
+
+
+def shape_label(dim: int) -> str:
+    args = shape_args(dim)
+    return f"d{dim}l{args.n_layers}h{args.n_heads}"
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -153,6 +198,7 @@ def test_more_tokens_than_the_data_holds_is_reported_as_data_limited(budget_conf
     (("--model.family.dims", "[16, 20]"), "model.family.dims[1]: 20 is not a multiple of head_dim 8"),
     (("--model.dim", "64"), "model.dim: chosen by model.size = 'budget'"),
     (("--model.size", "large"), "model.size: expected one of 'fixed', 'budget'"),
+    (("--model.max_epochs", "-1"), "model.max_epochs: expected a number of epochs >= 0"),
 ])
 def test_bad_budget_config_names_the_key(budget_config, overrides, needle):
     with pytest.raises(ConfigError) as info:

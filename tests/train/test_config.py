@@ -21,6 +21,12 @@ def test_overrides_are_typed_and_applied():
     assert cfg.model_args(vocab_size=777).vocab_size == 777  # from the tokenizer when not set
 
 
+def test_dropout_is_written_only_when_used():
+    assert "dropout" not in load_config(None, ["--length.steps", "1"]).to_dict()["model"]
+    cfg = load_config(None, ["--length.steps", "1", "--model.dropout", "0.1"])
+    assert cfg.model.dropout == 0.1 and cfg.to_dict()["model"]["dropout"] == 0.1
+
+
 def test_integer_accepted_for_float():
     assert load_config(None, ["--length.steps", "1", "--optimizer.lr", "1"]).optimizer.lr == 1.0
 
@@ -37,7 +43,9 @@ def test_integer_accepted_for_float():
     (["--length.steps", "1", "--logging.progress", "1"], "logging.progress"),
     (["--length.steps", "-3"], "length.steps"),
     (["--length.steps", "1", "--schedule.min_lr_ratio", "2"], "schedule.min_lr_ratio"),
-    (["--length.steps", "1", "--model.dim", "100"], "n_heads"),  # 100 not divisible by 8 heads
+    (["--length.steps", "1", "--model.dim", "100"], "n_heads"),
+    (["--length.steps", "1", "--model.dropout", "1"], "model.dropout"),
+    (["--length.steps", "1", "--model.dropout", "no"], "model.dropout"),  # 100 not divisible by 8 heads
     (["--length.steps"], "--length.steps"),
     (["length.steps", "3"], "length.steps"),
     ([], "length"),

@@ -29,10 +29,12 @@ def kill_at(step_to_die: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, micro_batch", [("fp32", 4), ("bf16", 2)])
-def test_resume_after_a_crash_is_exact(make_config, precision, micro_batch):
-    # global batch 256 tokens of seq 32: micro-batch 4 -> 2 accumulation steps, micro-batch 2 -> 4
-    common = ["--precision.mode", precision, "--batch.micro_batch", str(micro_batch), "--checkpoint.save_final", "true"]
+@pytest.mark.parametrize("precision, micro_batch, dropout", [("fp32", 4, 0.0), ("bf16", 2, 0.1)])
+def test_resume_after_a_crash_is_exact(make_config, precision, micro_batch, dropout):
+    # global batch 256 tokens of seq 32: micro-batch 4 -> 2 accumulation steps, micro-batch 2 -> 4; dropout's
+    # masks come from the generator state the checkpoint saved
+    common = ["--precision.mode", precision, "--batch.micro_batch", str(micro_batch), "--checkpoint.save_final", "true",
+              "--model.dropout", str(dropout)]
     straight = make_config(*common, out="straight")
     result = train(straight)
     assert result.steps == 8 and result.skipped_steps == 0

@@ -238,13 +238,51 @@ def _above(cands: Sequence[Candidate], n: float) -> tuple[str, ...]:
             f"({big.params:,}); using it (add larger model.family.dims to follow the law)",)
 
 
-def choose_for_flops(cands: Sequence[Candidate], law: ScalingLaw, flops: float, key: str = "length.flops") -> Choice:
-    """The shape nearest N_opt(C) in log N; it trains D = C / its FLOPs per token."""
+@dataclass(frozen=True)
+class DataLimit:
+    """The training tokens the data holds, and the most passes over them a budget-sized run should make
+    (``model.max_epochs``; 0: no limit)."""
+
+    tokens: int | None = None
+    max_epochs: float = 0.0
+
+    def within(self, cands: Sequence[Candidate], pick: int, tokens_of: Callable[[int], float]) -> tuple[int, str]:
+        """``pick``, or, when it would train more than ``max_epochs`` passes over the data, the smallest larger
+        shape that does not (the largest when none is small enough), with a note saying so.
+
+        A repeated token is worth less with each pass: Muennighoff et al. (2023, "Scaling Data-Constrained
+        Language Models") fit its value as decaying like exp(-(epoch - 1) / 15.4), so past about 16 epochs more
+        passes buy little, and the compute is better spent on parameters. ``tokens_of(i)`` is what shape ``i``
+        would train.
+        """
+        limit = (self.tokens or 0) * self.max_epochs
+        if not limit or tokens_of(pick) <= limit:
+            return pick, ""
+        fits = [i for i in range(pick + 1, len(cands)) if tokens_of(i) <= limit]
+        grown = fits[0] if fits else len(cands) - 1
+
+        def epochs(i: int) -> str:
+            return f"{tokens_of(i) / self.tokens:.1f} epochs"
+
+        which = ("the smallest family shape within it" if fits
+                 else "the family's largest shape; none is within it (add larger model.family.dims)")
+        return grown, (f"data-limited: the law's choice {cands[pick].label} would train {epochs(pick)} of the "
+                       f"{self.tokens:,} training tokens, more than model.max_epochs = {self.max_epochs:g}; "
+                       f"took {cands[grown].label} ({epochs(grown)}), {which}: past about 16 epochs a repeated "
+                       "token is worth little (Muennighoff et al. 2023), so the compute goes into parameters")
+
+
+def choose_for_flops(cands: Sequence[Candidate], law: ScalingLaw, flops: float, key: str = "length.flops",
+                     data: DataLimit = DataLimit()) -> Choice:
+    """The shape nearest N_opt(C) in log N (or a larger one within ``data``'s epochs); it trains D = C / its
+    FLOPs per token."""
     n = law.n_opt(flops)
     if n < cands[0].params:
         raise _too_small(cands, n, key, f"{flops:.3g} FLOPs")
-    pick = _nearest(cands, n)
-    return Choice(pick, key, flops, flops / pick.flops_per_token, n, notes=_above(cands, n))
+    pick, limited = data.within(cands, cands.index(_nearest(cands, n)), lambda i: flops / cands[i].flops_per_token)
+    pick = cands[pick]
+    notes = _above(cands, n) + ((limited,) if limited else ())
+    return Choice(pick, key, flops, flops / pick.flops_per_token, n, notes=notes)
 
 
 def optimal_tokens(law: ScalingLaw, cand: Candidate) -> float:
@@ -276,8 +314,9 @@ def choose_for_tokens(cands: Sequence[Candidate], law: ScalingLaw, tokens: float
 
 def choose_for_time(cands: Sequence[Candidate], law: ScalingLaw, seconds: float,
                     measure: Callable[[Candidate], float], key: str = "length.max_minutes",
-                    clock: Callable[[], float] = time.perf_counter) -> Choice:
-    """The shape whose N is nearest the law's optimum for the compute it can do in ``seconds``.
+                    clock: Callable[[], float] = time.perf_counter, data: DataLimit = DataLimit()) -> Choice:
+    """The shape whose N is nearest the law's optimum for the compute it can do in ``seconds`` (or a larger one,
+    when that one would make more than ``data``'s epochs).
 
     ``measure(candidate)`` gives training tokens/s; it is called on the smallest shape (the quickest to
     measure), then on the shape that comes out best (the one the run will train, so its own rate predicts the
@@ -307,15 +346,16 @@ def choose_for_time(cands: Sequence[Candidate], law: ScalingLaw, seconds: float,
                 return math.exp(y0 + (x - x0) * (y1 - y0) / (x1 - x0))
         return math.exp(known[0][1] if x <= known[0][0] else known[-1][1])
 
-    def best(train_seconds: float) -> int:
-        return min(range(len(cands)),
-                   key=lambda i: abs(logs[i] - math.log(law.n_opt(flop_rate(i) * train_seconds))))
+    def best(train_seconds: float) -> tuple[int, str]:
+        nearest = min(range(len(cands)),
+                      key=lambda i: abs(logs[i] - math.log(law.n_opt(flop_rate(i) * train_seconds))))
+        return data.within(cands, nearest, lambda i: flop_rate(i) * train_seconds / cands[i].flops_per_token)
 
     probe(0)
-    pick = best(seconds - (clock() - start))
+    pick, limited = best(seconds - (clock() - start))
     if len(cands) > 1:
         probe(pick if pick not in rates else 1)
-        pick = best(seconds - (clock() - start))
+        pick, limited = best(seconds - (clock() - start))
     spent = clock() - start
     left = seconds - spent
     if left <= 0:
@@ -329,6 +369,7 @@ def choose_for_time(cands: Sequence[Candidate], law: ScalingLaw, seconds: float,
                  f"{cands[pick].label}'s compute, {n:,.0f} parameters, is below the smallest shape "
                  f"{cands[0].label} ({cands[0].params:,} parameters, {cands[0].where}); using {cands[pick].label}, "
                  "the nearest (add smaller model.family.dims, or give more time)",)
+    notes += (limited,) if limited else ()
     tokens_per_s = flops / left / cands[pick].flops_per_token
     return Choice(cands[pick], key, flops, tokens_per_s * left, n, seconds=left, measure_seconds=spent,
                   measured=tuple(measured), tokens_per_s=tokens_per_s, notes=notes)

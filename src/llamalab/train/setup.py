@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import SIZED_BY_BUDGET, Config, ConfigError, ModelConfig
+from ..config import SIZED_BY_BUDGET, Config, ConfigError
 from ..fs import check_output_folder
 from ..hardware import fast_bf16, measure_peak_flops
 from ..model import ModelArgs
 from ..model.sizing import (
     Choice,
+    DataLimit,
     ScalingLaw,
     candidates,
     choose_for_flops,
@@ -136,7 +137,7 @@ def resolve(cfg: Config, source=None) -> RunSetup:
     return RunSetup(world=world, device=device, precision=precision, dims=dims, mesh=mesh, data_dir=data_dir,
                     tokenizer_path=tokenizer_path, args=args, seq_len=seq_len, dp=dims.dp, accum=accum,
                     step_tokens=step_tokens, n_steps=n_steps, peak_flops=peak, out_dir=out_dir, sizing=sizing,
-                    epochs=report_epochs(world, data_dir, planned, sizing))
+                    epochs=report_epochs(world, data_dir, planned, sizing, cfg.model.dropout))
 
 
 def pretraining_source(cfg: Config, world: Distributed) -> tuple[Path, Path | None, ModelArgs]:
@@ -248,7 +249,8 @@ def size_from_budget(cfg: Config, world: Distributed, device: torch.device, prec
         shape = None
         if world.is_main:
             try:
-                choice = choose_shape(cfg, world, device, precision, data_vocabulary(data_dir)[1])
+                data = DataLimit(train_tokens(data_dir), cfg.model.max_epochs)
+                choice = choose_shape(cfg, world, device, precision, data_vocabulary(data_dir)[1], data)
                 shape = {key: getattr(choice.args, key) for key in SIZED_BY_BUDGET}
             except ConfigError as exc:
                 error = str(exc)
@@ -258,7 +260,7 @@ def size_from_budget(cfg: Config, world: Distributed, device: torch.device, prec
             shape, choice, error = shared[0]
         if error:
             raise ConfigError(error)
-    cfg.model = ModelConfig(preset=cfg.model.preset, overrides={**cfg.model.overrides, **shape}, law=cfg.model.law)
+    cfg.model = dataclasses.replace(cfg.model, overrides={**cfg.model.overrides, **shape}, size="fixed", family=None)
     if choice is not None and choice.seconds is not None:
         cfg.length = dataclasses.replace(cfg.length, max_minutes=choice.seconds / 60.0)
     return choice
@@ -283,9 +285,12 @@ def saved_shape(cfg: Config) -> tuple[dict, Path] | None:
     return (shape, path) if len(shape) == len(SIZED_BY_BUDGET) else None
 
 
-def choose_shape(cfg: Config, world: Distributed, device: torch.device, precision: str, vocab: int | None) -> Choice:
+def choose_shape(cfg: Config, world: Distributed, device: torch.device, precision: str, vocab: int | None,
+                 data: DataLimit = DataLimit()) -> Choice:
     """The family shape the law calls compute-optimal for the ``[length]`` budget: steps or tokens (the N whose
-    compute-optimal D is that many tokens), flops, or max_minutes (throughput measured here, briefly)."""
+    compute-optimal D is that many tokens), flops, or max_minutes (throughput measured here, briefly); for
+    flops and time, a larger one where that would make more than ``data.max_epochs`` passes over the data (a
+    token budget is the same number of passes whatever the shape)."""
     law = ScalingLaw.load(cfg.model.law or None)
     family = cfg.model.family
     shapes = [(f"model.family.dims[{i}]", cfg.model_args(vocab_size=vocab, shape=family.shape(dim)))
@@ -301,12 +306,12 @@ def choose_shape(cfg: Config, world: Distributed, device: torch.device, precisio
     elif length.tokens:
         choice = choose_for_tokens(cands, law, length.tokens)
     elif length.flops:
-        choice = choose_for_flops(cands, law, length.flops)
+        choice = choose_for_flops(cands, law, length.flops, data=data)
     else:
         def measure(candidate) -> float:  # data-parallel ranks each train their share at this rate
             return dp * measure_training_throughput(cfg, candidate.args, device, precision, seq_len, accum)
 
-        choice = choose_for_time(cands, law, length.max_minutes * 60.0, measure)
+        choice = choose_for_time(cands, law, length.max_minutes * 60.0, measure, data=data)
     for line in describe_choice(choice, law, cfg, cands, device, precision, seq_len, accum, dp):
         world.log(line)
     return choice
@@ -380,7 +385,8 @@ def measure_training_throughput(cfg: Config, args: ModelArgs, device: torch.devi
     return steps * accum * cfg.batch.micro_batch * seq_len / (time.perf_counter() - start)
 
 
-def report_epochs(world: Distributed, data_dir: Path, tokens: float | None, sizing: Choice | None) -> float | None:
+def report_epochs(world: Distributed, data_dir: Path, tokens: float | None, sizing: Choice | None,
+                  dropout: float = 0.0) -> float | None:
     """Epochs of the training split the run will see (None when unknown); more than one is logged as a
     data-limited run, with the remedies."""
     available = train_tokens(data_dir) if tokens else None
@@ -389,12 +395,12 @@ def report_epochs(world: Distributed, data_dir: Path, tokens: float | None, sizi
     epochs = tokens / available
     if epochs > 1.0:
         planned = "is predicted to train" if sizing is not None and sizing.seconds is not None else "trains"
-        law = (" The scaling law that sized this model assumes every training token is new, so its choice is "
-               "optimistic here." if sizing is not None else "")
+        law = (" The scaling law that sized this model assumes every training token is new (model.max_epochs "
+               "bounds the passes it may choose)." if sizing is not None else "")
         world.log(f"data-limited: this run {planned} {tokens:,.0f} tokens, {epochs:.1f} epochs of the "
                   f"{available:,} training tokens in {data_dir}.{law} Repeating data up to about 4 epochs costs "
                   "little; beyond that each repeat is worth less (Muennighoff et al. 2023, 'Scaling "
-                  "Data-Constrained Language Models'). Remedies: more data (data.recipe), stronger "
-                  "regularisation (optimizer.weight_decay; the model has no dropout), a shorter run ([length]), "
-                  "or accept the repeats.")
+                  "Data-Constrained Language Models'). Remedies: more data (data.recipe), regularisation "
+                  f"(model.dropout, now {dropout:g}; optimizer.weight_decay), a larger model trained for fewer "
+                  "epochs, a shorter run ([length]), or accept the repeats.")
     return epochs

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..fs import atomic_write_bytes
-from ..model import build_model
+from ..model import apply_dropout, build_model
 from . import checkpoint as ckpt
 from .metrics import MetricsLog, plot_loss_curve
 from .optim import Schedule, build_optimizer
@@ -217,6 +217,7 @@ def build_run(cfg: Config, setup: RunSetup, model):
     """
     from ..parallel.runtime import ParallelRun
 
+    apply_dropout(model, cfg.model.dropout)
     return ParallelRun.setup(model, setup.dims, setup.mesh, device=setup.device, loss_fn=cross_entropy_loss,
                              autocast=setup.autocast, ac_mode=cfg.activation_checkpoint.mode,
                              compile=cfg.compile.enabled, precision=setup.precision,
