@@ -57,3 +57,14 @@ def test_each_branch_output_is_dropped_at_rate_p_and_rescaled():
 def test_a_bad_probability_is_named(p):
     with pytest.raises(ConfigError, match="model.dropout"):
         _model(p)
+
+
+def test_a_pipeline_stage_without_the_embedding_gets_dropout_on_its_blocks():
+    from llamalab.parallel.pipeline import stage_module
+
+    stage = apply_dropout(stage_module(build_model(preset_args("tiny"), seed=0), range(1, 2), first=False,
+                                       last=True), 0.5)
+    hidden = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(stage.eval()(hidden), stage(hidden))
+        assert not torch.equal(stage.train()(hidden), stage.eval()(hidden))
