@@ -13,8 +13,9 @@ from llamalab.parallel.plan import GiB, activation_bytes_per_token, estimate
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 def test_block_activation_estimate_bounds_what_autograd_saves(n_kv_heads):
-    """Sum the distinct storages autograd keeps for one bf16 block's backward; the estimate is a tight upper bound."""
-    args = preset_args("demo", n_kv_heads=n_kv_heads)
+    """Sum the distinct storages autograd keeps for one bf16 block's backward; the estimate is a tight upper bound.
+    Heads of 64 dimensions: the CPU attends them in bf16, as a GPU does (smaller ones it attends in fp32)."""
+    args = preset_args("demo", n_heads=4, n_kv_heads=n_kv_heads)
     model = build_model(args, seed=0, dtype=torch.bfloat16)
     b, s = 2, 128
     h = model.tok_embeddings(torch.randint(0, args.vocab_size, (b, s))).detach().requires_grad_()

@@ -18,7 +18,9 @@ per token and block, in bytes, with ``h`` = dim, ``kv`` = key/value width, ``f``
 
 The output layer keeps bf16 logits, their fp32 copy and log-softmax (10 bytes per vocabulary entry, over ``t``),
 and backward adds an fp32 logits gradient (4 bytes). A fixed reserve covers the CUDA context, NCCL buffers and
-allocator slack. Real usage also depends on fragmentation, so treat a fit within ~10% as marginal.
+allocator slack. Real usage also depends on fragmentation, so treat a fit within ~10% as marginal. On a CPU,
+heads of at most 32 dimensions are attended in fp32 (``llamalab.model.llama.causal_attention``), which keeps
+fp32 copies of q, k, v and the attention output: more than counted here.
 """
 
 from __future__ import annotations
