@@ -15,6 +15,6 @@ from .llama import (
 
 __all__ = [
     "PRESETS", "ConfigError", "ModelArgs", "Preset", "Recipe", "get_preset", "preset_args",
-    "apply_dropout", "Attention", "FeedForward", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary", "build_model",
-    "rope_tables",
+    "apply_dropout", "Attention", "FeedForward", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary",
+    "build_model", "rope_tables",
 ]

@@ -15,10 +15,11 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from .args import ConfigError
+
 
 def check_dropout(p: float, key: str = "model.dropout") -> float:
-    from .args import ConfigError
-
+    """``p`` as a float; anything but a probability in [0, 1) is a ``ConfigError`` naming ``key``."""
     if not (isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and 0.0 <= p < 1.0):
         raise ConfigError(f"{key}: expected a probability in [0, 1), got {p!r}")
     return float(p)

@@ -279,8 +279,8 @@ def choose_for_flops(cands: Sequence[Candidate], law: ScalingLaw, flops: float, 
     n = law.n_opt(flops)
     if n < cands[0].params:
         raise _too_small(cands, n, key, f"{flops:.3g} FLOPs")
-    pick, limited = data.within(cands, cands.index(_nearest(cands, n)), lambda i: flops / cands[i].flops_per_token)
-    pick = cands[pick]
+    index, limited = data.within(cands, cands.index(_nearest(cands, n)), lambda i: flops / cands[i].flops_per_token)
+    pick = cands[index]
     notes = _above(cands, n) + ((limited,) if limited else ())
     return Choice(pick, key, flops, flops / pick.flops_per_token, n, notes=notes)
 
